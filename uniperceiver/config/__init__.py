@@ -1,0 +1,18 @@
+"""Typed configuration: dataclass schema + YAML/CLI loader."""
+
+from uniperceiver.config.loader import (  # noqa: F401 -- re-exports
+    ConfigError,
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    load_config,
+    load_yaml,
+    parse_cli,
+    to_dict,
+)
+
+from uniperceiver.config.model import (  # noqa: F401 -- re-exports
+    TEMPERATURE_NAMES,
+    ModelConfig,
+    ModelMoEConfig,
+)

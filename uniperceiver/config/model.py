@@ -1,0 +1,130 @@
+"""Typed model configuration (the `model:` section of a run config).
+
+Defaults are Uni-Perceiver base at 224 px (OFFICIAL.md section 1); `configs/model/*.yaml` derive
+the tiny/base/large, dense/MoE variants from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moe import MoEConfig
+
+MoESublayer = Literal["qkv", "attn_out", "fc1", "fc2"]
+
+# Every temperature the released predictor holds (OFFICIAL.md 3.2); tasks pick one by name.
+TEMPERATURE_NAMES = (
+    "img_cls",
+    "video_cls",
+    "text_mlm",
+    "text_caption",
+    "caption",
+    "mlm",
+    "retrieve",
+    "tqa_mlm",
+    "tqa_caption",
+    "tqa_retrieve",
+    "downstream",
+)
+
+
+@dataclass
+class ModelMoEConfig:
+    """Where the conditional-MoE sublayers sit and how they route."""
+
+    enabled: bool = False
+    # "even": layers 0, 2, 4, ... (the release, whose config calls this 'odd'); "odd": 1, 3, ...;
+    # "all"; "every4": 0, 4, 8, ...; or an explicit list in `layer_ids`.
+    layers: Literal["even", "odd", "all", "every4"] = "even"
+    layer_ids: list[int] | None = None
+    sublayers: list[MoESublayer] = field(
+        default_factory=lambda: ["qkv", "attn_out", "fc1", "fc2"]
+    )
+    # attn_out reuses qkv's decision and fc2 reuses fc1's (the release): 2 decisions per layer.
+    share_decisions: bool = True
+    routing: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if len(set(self.sublayers)) != len(self.sublayers):
+            raise ValueError(f"sublayers has duplicates: {self.sublayers}")
+        if self.share_decisions:
+            for child, parent in (("attn_out", "qkv"), ("fc2", "fc1")):
+                if child in self.sublayers and parent not in self.sublayers:
+                    raise ValueError(
+                        f"share_decisions: '{child}' reuses the decision of '{parent}', "
+                        f"which is not in sublayers {self.sublayers}"
+                    )
+        if self.enabled and not self.sublayers:
+            raise ValueError("enabled MoE needs at least one sublayer")
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        if not self.enabled:
+            return []
+        if self.layer_ids is not None:
+            bad = [i for i in self.layer_ids if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(f"moe.layer_ids {bad} outside 0..{num_layers - 1}")
+            return sorted(set(self.layer_ids))
+        step, start = {"even": (2, 0), "odd": (2, 1), "all": (1, 0), "every4": (4, 0)}[self.layers]
+        return list(range(start, num_layers, step))
+
+
+@dataclass
+class ModelConfig:
+    """The shared encoder, its modality tokenizers and the similarity predictor."""
+
+    d_model: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    d_ffn: int = 3072
+    vocab_size: int = 49411
+    max_text_positions: int = 512
+    type_vocab_size: int = 2
+    # Visual tokenizer: 16x16 conv patches, frozen 2-D sin-cos spatial table whose grid
+    # coordinates are multiplied by posembed_scale (160/224 at 224 px after 160-px pre-training),
+    # learned temporal table over max_frames.
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    posembed_scale: float = 1.0
+    max_frames: int = 8
+    # Training draws a temporal offset in [0, max_frames - T] once per forward (the release).
+    random_temporal_offset: bool = True
+    # The released checkpoints never add the visual type embedding (ADD_TYPE_EMBED off);
+    # the converter can fold it into the patch bias instead.
+    visual_type_embedding: bool = False
+    layer_norm_eps: float = 1e-5
+    layer_scale_init: float | None = 1e-3
+    drop_path: float = 0.1
+    temperature_init: float = 0.07
+    temperature_cap: float = 100.0
+    temperatures: list[str] = field(default_factory=lambda: list(TEMPERATURE_NAMES))
+    moe: ModelMoEConfig = field(default_factory=ModelMoEConfig)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.d_model % 4:
+            raise ValueError(f"d_model={self.d_model} must be divisible by 4 (2-D sin-cos table)")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.vocab_size < 49411:
+            # Smaller vocabularies cannot hold the CLIP specials (<|spe|> = 49410).
+            raise ValueError(f"vocab_size must be >= 49411 (CLIP BPE + specials), got {self.vocab_size}")
+        if len(set(self.temperatures)) != len(self.temperatures):
+            raise ValueError(f"temperatures has duplicates: {self.temperatures}")
+        self.moe.layer_indices(self.num_layers)  # validates layer_ids
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size

@@ -1,0 +1,214 @@
+"""`UniPerceiver`: one shared encoder for inputs and candidate targets, and the similarity predictor.
+
+Shape legend: B batch, L sequence length (with [SPE]), D model width, N target candidates,
+S routing segments, H heads, M cached key/value length.
+"""
+from __future__ import annotations
+
+import os
+from itertools import accumulate
+
+import torch
+from torch import Tensor, nn
+
+from moe import RoutingContext
+
+from ..config.model import ModelConfig
+from .batch import Sequence, TargetSet
+from .embeddings import Embeddings
+from .encoder import Encoder, EncoderOutput, LayerCache, init_weights_like_release
+from .predictor import Predictor
+
+CHECKPOINT_FORMAT = "uniperceiver-moe/v1"
+
+
+class UniPerceiver(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.predictor = Predictor(cfg)
+        init_weights_like_release(self)
+
+    # ----------------------------------------------------------------------------- sequences
+    def embed_sequence(
+        self, seq: Sequence, temporal_offsets: list[int] | None = None
+    ) -> tuple[Tensor, Tensor | None, list[int]]:
+        """`[SPE] + segments` -> tokens [B, L, D], key padding [B, L] (True = pad, None when
+        nothing is padded) and the length of every piece ([SPE] first)."""
+        b = seq.batch_size
+        pieces, pads, lengths = [self.embed.spe(b)], [], [1]
+        visual_calls = 0
+        for seg in seq.segments:
+            if seg.modality == "text":
+                x = self.embed.text(seg.data, seg.positions)
+                pad = seg.padding_mask
+            else:
+                offset = None if temporal_offsets is None else temporal_offsets[visual_calls]
+                visual_calls += 1
+                x = self.embed.visual(seg.data, offset)
+                pad = None
+            pieces.append(x)
+            pads.append(pad)
+            lengths.append(x.shape[1])
+        x_BLD = torch.cat(pieces, dim=1)
+        pad_BL = None
+        if any(p is not None for p in pads):
+            parts = [torch.zeros(b, 1, dtype=torch.bool, device=x_BLD.device)]
+            for p, n in zip(pads, lengths[1:]):
+                parts.append(torch.zeros(b, n, dtype=torch.bool, device=x_BLD.device) if p is None else p.bool())
+            pad_BL = torch.cat(parts, dim=1)
+        return x_BLD, pad_BL, lengths
+
+    def routing_context(self, seq: Sequence, lengths: list[int]) -> RoutingContext:
+        """One routing row per segment; [SPE] is routed with the first segment (the release
+        splits at data_cum_length[1] = 1 + L_1)."""
+        num_rows = seq.attributes_SA.shape[0] if seq.attributes_SA is not None else len(seq.segments)
+        if num_rows == 1:
+            starts: tuple[int, ...] = (0,)
+            modality_ids_S = seq.modality_ids_S[:1]
+        else:
+            ends = list(accumulate([lengths[0] + lengths[1]] + lengths[2:]))
+            starts = (0, *ends[:-1])
+            modality_ids_S = seq.modality_ids_S
+        device = self.embed.word.weight.device
+        return RoutingContext(
+            segment_starts=starts,
+            attributes_SA=None if seq.attributes_SA is None else seq.attributes_SA.to(device),
+            task_ids_S=torch.full((num_rows,), seq.task_id, dtype=torch.long, device=device),
+            modality_ids_S=modality_ids_S.to(device),
+        )
+
+    @staticmethod
+    def attention_mask(
+        seq: Sequence, pad_BL: Tensor | None, lengths: list[int]
+    ) -> Tensor | None:
+        """Bool [B|1, 1, L, L] (True = may attend), or None when everything sees everything.
+
+        Caption training (`seq.caption_queries`) uses the structured mask of OFFICIAL.md 1.4 over
+        [SPE | visual | words w_0..w_{T-1} | queries q_0..q_{T-1}]: everyone sees the prefix; the
+        prefix sees only itself; word i sees words <= i; query i sees words < i and itself.
+        """
+        allowed = None
+        if seq.caption_queries:
+            total = sum(lengths)
+            t = lengths[-1] // 2
+            prefix = total - 2 * t
+            device = seq.segments[0].data.device
+            allowed_LL = torch.zeros(total, total, dtype=torch.bool, device=device)
+            allowed_LL[:, :prefix] = True
+            causal_TT = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+            w0, q0 = prefix, prefix + t
+            allowed_LL[w0:q0, w0:q0] = causal_TT
+            allowed_LL[q0:, w0:q0] = causal_TT.tril(-1)
+            allowed_LL[q0:, q0:] = torch.eye(t, dtype=torch.bool, device=device)
+            allowed = allowed_LL[None, None]
+        if pad_BL is not None:
+            keys_B11L = ~pad_BL[:, None, None, :]
+            allowed = keys_B11L if allowed is None else allowed & keys_B11L
+        return allowed
+
+    def encode(
+        self,
+        seq: Sequence,
+        *,
+        temporal_offsets: list[int] | None = None,
+        keep_kv: bool = False,
+    ) -> EncoderOutput:
+        """Run `[SPE] + segments` through the shared encoder -> hidden states [B, L, D]."""
+        x_BLD, pad_BL, lengths = self.embed_sequence(seq, temporal_offsets)
+        ctx = self.routing_context(seq, lengths)
+        allowed = self.attention_mask(seq, pad_BL, lengths)
+        return self.encoder(x_BLD, ctx, allowed, keep_kv=keep_kv)
+
+    # ----------------------------------------------------------------------------- features
+    def features(self, hidden_XD: Tensor) -> Tensor:
+        return self.predictor.project(hidden_XD)
+
+    def encode_targets(
+        self, targets: TargetSet | Sequence, chunk_size: int | None = None
+    ) -> Tensor:
+        """Unit-norm [SPE]-output features of every candidate -> [N, D], in chunks of
+        `chunk_size` sequences (bounded memory for the 49,411-word vocabulary)."""
+        if isinstance(targets, Sequence):
+            return self.features(self.encode(targets).hidden_BLD[:, 0])
+        n = len(targets)
+        step = n if chunk_size is None else max(1, chunk_size)
+        feats = [
+            self.features(self.encode(targets.slice(i, min(i + step, n))).hidden_BLD[:, 0])
+            for i in range(0, n, step)
+        ]
+        return torch.cat(feats, dim=0)
+
+    def logits(self, feats_XD: Tensor, target_feats_ND: Tensor, temperature: str) -> Tensor:
+        return self.predictor.logits(feats_XD, target_feats_ND, temperature)
+
+    # ----------------------------------------------------------------------------- decoding
+    def decode_step(
+        self,
+        ids_B: Tensor,
+        position: int,
+        caches: list[LayerCache],
+        ctx: RoutingContext,
+        keep_kv: bool,
+    ) -> EncoderOutput:
+        """Encode one text token per sequence at text position `position`, attending to the
+        cached keys/values and itself (no mask), routed with `ctx` (the caption-text row)."""
+        positions = torch.full((1,), position, dtype=torch.long, device=ids_B.device)
+        x_B1D = self.embed.text(ids_B[:, None], positions)
+        return self.encoder(x_B1D, ctx, None, caches=caches, keep_kv=keep_kv)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write {'format', 'config', 'model'} atomically (temporary file + rename)."""
+        from ..config import to_dict
+        from ..utils.io import atomic_torch_save
+
+        atomic_torch_save(
+            {"format": CHECKPOINT_FORMAT, "config": to_dict(self.cfg), "model": self.state_dict()},
+            path,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), map_location: str = "cpu"
+    ) -> UniPerceiver:
+        """Build from a file written by `save_pretrained` or `python -m uniperceiver.convert`;
+        every key and shape must match (the error lists what does not)."""
+        from ..config import ModelConfig as _ModelConfig, apply_overrides, from_dict
+        from ..utils.io import load_checkpoint_file
+
+        blob = load_checkpoint_file(path, map_location=map_location)
+        if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
+            raise ValueError(
+                f"{path}: not a uniperceiver-moe model file (expected keys 'config' and 'model'; "
+                "convert official checkpoints with `python -m uniperceiver.convert`)"
+            )
+        cfg_dict = apply_overrides(dict(blob["config"]), list(overrides))
+        cfg = from_dict(_ModelConfig, cfg_dict, source=f"{path}:config")
+        model = cls(cfg)
+        load_state_dict_strict(model, blob["model"], source=str(path))
+        return model
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """load_state_dict that names every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or mis_shaped:
+        lines = [f"{source}: state dict does not match the model"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items[:50])
+                if len(items) > 50:
+                    lines.append(f"    ... and {len(items) - 50} more")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,149 @@
+"""Captioning: training with spe-queries and a structured mask, and beam-search decoding with a
+per-layer key/value cache (OFFICIAL.md 1.4, 3.5).
+
+Shape legend: B batch, K beams, V vocabulary, T caption length, D width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe import RoutingContext, SegmentDecision
+
+from ..modeling.batch import Sequence, TaskBatch
+from ..modeling.encoder import LayerCache
+from ..modeling.model import UniPerceiver
+from .base import TaskOutput
+from .losses import accuracy, cross_entropy
+
+EOT_ID = 49407
+SPE_ID = 49410
+
+
+def caption_loss(
+    model: UniPerceiver, batch: TaskBatch, vocab_feats_VD: Tensor, temporal_offsets: list[int] | None = None
+) -> TaskOutput:
+    """Query i (at text position i, seeing the prefix and words < i) predicts word i."""
+    if batch.labels is None or not batch.inputs.caption_queries:
+        raise ValueError(f"task {batch.task}: caption training needs labels and a [words ; queries] segment")
+    enc = model.encode(batch.inputs, temporal_offsets=temporal_offsets)
+    labels_BT = batch.labels.to(enc.hidden_BLD.device)
+    t = labels_BT.shape[1]
+    valid_BT = labels_BT != -1
+    hidden_XD = enc.hidden_BLD[:, -t:][valid_BT]
+    logits_XV = model.logits(model.features(hidden_XD), vocab_feats_VD, batch.temperature)
+    targets_X = labels_BT[valid_BT]
+    out = TaskOutput(logits=logits_XV, decisions=enc.decisions)
+    out.losses["caption"] = batch.loss_weight * cross_entropy(logits_XV, targets_X, batch.label_smoothing)
+    out.metrics["accuracy"] = accuracy(logits_XV, targets_X)
+    return out
+
+
+@dataclass
+class BeamSearchOutput:
+    ids_BT: Tensor  # best beam's words (EOT-padded after the end)
+    logprobs_BT: Tensor  # log-probability of each chosen word (0 after EOT)
+    # routed MoE decisions of every encoder call, in call order (prefix, then query/word steps)
+    decisions: list[list[tuple[str, SegmentDecision]]] = field(default_factory=list)
+
+
+def _append(caches: list[LayerCache], new: list[LayerCache]) -> list[LayerCache]:
+    return [
+        LayerCache(torch.cat([c.key_BHMd, n.key_BHMd], 2), torch.cat([c.value_BHMd, n.value_BHMd], 2))
+        for c, n in zip(caches, new)
+    ]
+
+
+@torch.no_grad()
+def beam_search(
+    model: UniPerceiver,
+    prefix: Sequence,
+    text_attributes_SA: Tensor | None,
+    vocab_feats_VD: Tensor,
+    *,
+    temperature: str = "caption",
+    beam_size: int = 2,
+    max_len: int = 21,
+    len_penalty: float = 0.0,
+    record_decisions: bool = False,
+) -> BeamSearchOutput:
+    """The release's beam search (CaptionBeamSearcherV3), with cached keys/values.
+
+    Step t: a `<|spe|>` query at text position t attends to the prefix ([SPE] + visual) and the
+    words chosen so far; its similarity to the vocabulary gives log-probs; the top `beam_size`
+    (beam, word) pairs survive (beams that emitted EOT only continue with EOT at +0); the chosen
+    word is then encoded at position t and its keys/values join the cache. Finished beams are
+    ranked by sum(log p) / (non-EOT words + 1) ** len_penalty.
+    """
+    b = prefix.batch_size
+    enc = model.encode(prefix, keep_kv=True)
+    caches = enc.caches
+    assert caches is not None
+    device = enc.hidden_BLD.device
+    calls = [enc.decisions] if record_decisions else []
+    # Generated text is routed with the caption-text row (OFFICIAL.md 2.4).
+    ctx = RoutingContext(
+        segment_starts=(0,),
+        attributes_SA=None if text_attributes_SA is None else text_attributes_SA.to(device),
+        task_ids_S=torch.full((1,), prefix.task_id, dtype=torch.long, device=device),
+        modality_ids_S=torch.ones(1, dtype=torch.long, device=device),
+    )
+    vocab = vocab_feats_VD.shape[0]
+
+    seq_logprob_BK1 = torch.zeros(b, 1, 1, device=device)
+    seq_mask_BK1 = torch.ones(b, beam_size, 1, device=device)
+    outputs: list[Tensor] = []
+    log_probs: list[Tensor] = []
+    selected_words_BK = None
+    for t in range(max_len):
+        cur = 1 if t == 0 else beam_size
+        query_ids = torch.full((b * cur,), SPE_ID, dtype=torch.long, device=device)
+        step = model.decode_step(query_ids, t, caches, ctx, keep_kv=False)
+        if record_decisions:
+            calls.append(step.decisions)
+        logits_XV = model.logits(model.features(step.hidden_BLD[:, 0]), vocab_feats_VD, temperature)
+        word_logprob_BKV = F.log_softmax(logits_XV.float(), dim=-1).view(b, cur, vocab)
+        candidate_BKV = seq_logprob_BK1 + word_logprob_BKV
+        if t > 0:
+            # A beam that emitted EOT is frozen: it may only continue with EOT, at +0.
+            alive_BK1 = (selected_words_BK.view(b, cur) != EOT_ID).float().unsqueeze(-1)
+            seq_mask_BK1 = seq_mask_BK1 * alive_BK1
+            word_logprob_BKV = word_logprob_BKV * seq_mask_BK1
+            old_BKV = seq_logprob_BK1.expand_as(candidate_BKV).contiguous()
+            old_BKV[:, :, :EOT_ID] = -999
+            old_BKV[:, :, EOT_ID + 1 :] = -999
+            candidate_BKV = seq_mask_BK1 * candidate_BKV + old_BKV * (1 - seq_mask_BK1)
+
+        sorted_lp, sorted_idx = torch.sort(candidate_BKV.view(b, -1), -1, descending=True)
+        selected_logprob_BK, selected_idx_BK = sorted_lp[:, :beam_size], sorted_idx[:, :beam_size]
+        selected_beam_BK = torch.div(selected_idx_BK, vocab, rounding_mode="floor")
+        selected_words_BK = selected_idx_BK - selected_beam_BK * vocab
+
+        # Reorder the cache rows (b * cur) to the surviving beams (b * beam_size).
+        rows = (torch.arange(b, device=device)[:, None] * cur + selected_beam_BK).reshape(-1)
+        caches = [c.select(rows) for c in caches]
+        seq_logprob_BK1 = selected_logprob_BK.unsqueeze(-1)
+        seq_mask_BK1 = torch.gather(seq_mask_BK1, 1, selected_beam_BK.unsqueeze(-1))
+        outputs = [torch.gather(o, 1, selected_beam_BK.unsqueeze(-1)) for o in outputs]
+        outputs.append(selected_words_BK.unsqueeze(-1))
+        this_lp_BKV = torch.gather(word_logprob_BKV, 1, selected_beam_BK.unsqueeze(-1).expand(b, beam_size, vocab))
+        this_lp_BK1 = torch.gather(this_lp_BKV, 2, selected_words_BK.unsqueeze(-1))
+        log_probs = [torch.gather(o, 1, selected_beam_BK.unsqueeze(-1)) for o in log_probs]
+        log_probs.append(this_lp_BK1)
+
+        word = model.decode_step(selected_words_BK.reshape(-1), t, caches, ctx, keep_kv=True)
+        if record_decisions:
+            calls.append(word.decisions)
+        caches = _append(caches, word.caches)
+
+    ids_BKT = torch.cat(outputs, -1)
+    if len_penalty > 0:
+        lengths_BK1 = ids_BKT.ne(EOT_ID).sum(-1, keepdim=True) + 1
+        seq_logprob_BK1 = seq_logprob_BK1 / lengths_BK1.float() ** len_penalty
+    _, order_BK1 = torch.sort(seq_logprob_BK1, 1, descending=True)
+    ids_BKT = torch.gather(ids_BKT, 1, order_BK1.expand(b, beam_size, max_len))
+    lp_BKT = torch.gather(torch.cat(log_probs, -1), 1, order_BK1.expand(b, beam_size, max_len))
+    return BeamSearchOutput(ids_BKT[:, 0], lp_BKT[:, 0], calls)

@@ -1,0 +1,218 @@
+"""python -m uniperceiver.tools.check_official BUNDLE.pt [--json OUT] [--rtol 1e-4]
+
+Reproduces a numerical reference bundle made by the official code (shaped like
+shared/reference/official_tiny/reference.pt): converts its state dict, translates its collated
+batches, runs every task in eval and in deterministic training mode, and compares every quantity.
+
+Errors are reported per quantity as max_abs = max|ours - ref| and max_rel = max_abs / max|ref|
+(relative to the quantity's scale, so near-zero elements do not dominate); ids and expert
+choices are compared exactly. Exit status 1 when a float exceeds --rtol or an id differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..convert.api import convert_state_dict
+from ..convert.official_batches import parse_official_tasks, shared_target_sets, translate_batch
+from ..modeling.model import UniPerceiver
+from ..tasks import beam_search, run_task
+
+
+class Comparison:
+    def __init__(self, rtol: float) -> None:
+        self.rtol = rtol
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def floats(self, key: str, ours: Tensor | float, ref: Tensor | float) -> None:
+        ours_t = torch.as_tensor(ours, dtype=torch.float64).detach().cpu()
+        ref_t = torch.as_tensor(ref, dtype=torch.float64).detach().cpu()
+        if ours_t.shape != ref_t.shape:
+            self.results[key] = {"max_abs": float("inf"), "max_rel": float("inf"),
+                                 "error": f"shape {tuple(ours_t.shape)} vs reference {tuple(ref_t.shape)}"}
+            return
+        max_abs = float((ours_t - ref_t).abs().max()) if ours_t.numel() else 0.0
+        scale = float(ref_t.abs().max()) if ref_t.numel() else 0.0
+        self.results[key] = {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else max_abs}
+
+    def exact(self, key: str, ours: Tensor | list, ref: Tensor | list) -> None:
+        same = torch.equal(torch.as_tensor(ours).cpu().long(), torch.as_tensor(ref).cpu().long())
+        self.results[key] = {"exact": bool(same)}
+
+    def failed(self) -> list[str]:
+        return [k for k, r in self.results.items()
+                if ("exact" in r and not r["exact"]) or ("max_rel" in r and not r["max_rel"] <= self.rtol)]
+
+
+def _reference_calls(entries: list) -> list[list[tuple[str, Tensor, Tensor]]]:
+    """Group the bundle's gate log (name, [ids per k], [gates per k]) into encoder calls and keep
+    one entry per routing decision (qkv_proj and linear1: attention-out and linear2 reuse them).
+
+    Every encoder call starts at the first MoE layer's qkv_proj; the official decoder runs that
+    projection twice in a row (query part, then key/value part) with one decision.
+    """
+    calls: list[list[tuple[str, Tensor, Tensor]]] = []
+    first = entries[0][0] if entries else None
+    previous = None
+    for name, ids, gates in entries:
+        repeated = name == previous
+        previous = name
+        if name == first and not repeated:
+            calls.append([])
+        if repeated or not name.endswith(("qkv_proj", "linear1")):
+            continue
+        calls[-1].append((name, torch.stack(list(ids), -1), torch.stack(list(gates), -1)))
+    return calls
+
+
+def _compare_gates(cmp: Comparison, task: str, ours_calls: list, ref_entries: list) -> None:
+    """When a call of ours routes fewer segments than the reference logged (the caption prefix
+    uses only the visual row; decoding only the text row), compare with the rows it used: the
+    first rows for call 0, the last rows for the decoding calls."""
+    ref_calls = _reference_calls(ref_entries)
+    if len(ours_calls) != len(ref_calls):
+        cmp.results[f"{task}/gates/num_calls"] = {"exact": False,
+                                                   "error": f"{len(ours_calls)} calls vs reference {len(ref_calls)}"}
+    for c, (ours, ref) in enumerate(zip(ours_calls, ref_calls)):
+        if len(ours) != len(ref):
+            cmp.results[f"{task}/gates/call{c}"] = {"exact": False,
+                                                     "error": f"{len(ours)} decisions vs reference {len(ref)}"}
+            continue
+        for (_, decision), (ref_name, ref_ids_SK, ref_gates_SK) in zip(ours, ref):
+            ids_SK, gates_SK = decision.expert_ids_SK, decision.gates_SK
+            n = ids_SK.shape[0]
+            if n < ref_ids_SK.shape[0]:
+                rows = slice(0, n) if c == 0 else slice(-n, None)
+                ref_ids_SK, ref_gates_SK = ref_ids_SK[rows], ref_gates_SK[rows]
+            short = ref_name.replace("fused_encoder.", "")
+            cmp.exact(f"{task}/gates/call{c}/{short}/expert_ids", ids_SK, ref_ids_SK)
+            cmp.floats(f"{task}/gates/call{c}/{short}/gates", gates_SK, ref_gates_SK)
+
+
+def _target_features(model: UniPerceiver, sets: dict, names: list[str], chunk: int) -> tuple[dict, list]:
+    feats, decisions = {}, []
+    for name in names:
+        first = model.encode(sets[name].slice(0, min(chunk, len(sets[name]))))
+        decisions.append(first.decisions)
+        feats[name] = model.encode_targets(sets[name], chunk_size=chunk)
+    return feats, decisions
+
+
+def check_bundle(bundle: dict, rtol: float = 1e-4, chunk: int = 8192) -> Comparison:
+    cmp = Comparison(rtol)
+    cfg = bundle.get("config", {})
+    overrides = ["drop_path=0.0", "moe.routing.noise=none"] if cfg.get("moe_type") else ["drop_path=0.0"]
+    model, _ = convert_state_dict(bundle["state_dict"], "official", num_heads=cfg.get("num_heads"),
+                                  overrides=overrides)
+    settings = parse_official_tasks(bundle.get("official_config_yaml"))
+
+    model.eval()
+    with torch.no_grad():
+        for task, raw in bundle.get("batches_eval", {}).items():
+            batch = translate_batch(raw, settings.get(task), training=False)
+            sets = shared_target_sets(raw)
+            ref = bundle.get("eval", {}).get(task, {})
+            io = bundle.get("encoder_io", {}).get(task)
+            if io is not None:
+                enc = model.encode(batch.inputs)
+                x_BLD, _, _ = model.embed_sequence(batch.inputs)
+                cmp.floats(f"{task}/encoder_in", x_BLD, io["in"])
+                if io.get("out") is not None:
+                    cmp.floats(f"{task}/encoder_out", enc.hidden_BLD, io["out"])
+            if batch.kind == "caption":
+                s = settings.get(task)
+                prefix_calls = model.encode(batch.inputs).decisions
+                feats, set_calls = _target_features(model, sets, [batch.target_set], chunk)
+                out = beam_search(model, batch.inputs, batch.decode_attributes_SA, feats[batch.target_set],
+                                  temperature=batch.temperature, beam_size=s.beam_size if s else 2,
+                                  max_len=s.max_len if s else 21, len_penalty=s.len_penalty if s else 0.0,
+                                  record_decisions=True)
+                if "G_SENTS_IDS" in ref:
+                    cmp.exact(f"{task}/G_SENTS_IDS", out.ids_BT, ref["G_SENTS_IDS"])
+                if "G_LOGP" in ref:
+                    cmp.floats(f"{task}/G_LOGP", out.logprobs_BT, ref["G_LOGP"])
+                calls = [prefix_calls] + set_calls + out.decisions[1:]
+            elif batch.kind == "retrieval":
+                out = run_task(model, batch)
+                cmp.floats(f"{task}/input_feats", out.extras["input_feats"], ref["input_feats"])
+                cmp.floats(f"{task}/tgt_feats", out.extras["target_feats"], ref["tgt_feats"])
+                calls = [d for d in (model.encode(batch.inputs).decisions, model.encode(batch.targets).decisions)]
+            else:
+                feats, set_calls = _target_features(model, sets, [batch.target_set], chunk)
+                out = run_task(model, batch, feats)
+                cmp.floats(f"{task}/logits", out.logits, ref["logits"])
+                calls = [model.encode(batch.inputs).decisions] + set_calls
+            if task in bundle.get("gates", {}):
+                _compare_gates(cmp, task, calls, bundle["gates"][task])
+
+    model.train()  # drop path and gate noise are off: training mode is deterministic
+    for label, offsets_key in (("train_det", "train_det_temporal_offsets"), ("train_det_no_temporal_offset", None)):
+        for task, ref_losses in bundle.get(label, {}).items():
+            raw = bundle["batches_train"][task]
+            batch = translate_batch(raw, settings.get(task), training=True)
+            sets = shared_target_sets(raw)
+            if offsets_key is not None:
+                offsets = [o["offset"] for o in bundle.get(offsets_key, {}).get(task, [])]
+            else:
+                offsets = [0] * sum(s.modality != "text" for s in batch.inputs.segments)
+            with torch.no_grad():
+                feats = {batch.target_set: model.encode_targets(sets[batch.target_set], chunk_size=chunk)} \
+                    if batch.target_set else None
+                out = run_task(model, batch, feats, temporal_offsets=offsets or None)
+            ours = _official_loss_names(batch.kind, out)
+            for name, value in ref_losses.items():
+                if name == "null_loss":
+                    continue
+                if name not in ours:
+                    cmp.results[f"{task}/{label}/{name}"] = {"max_abs": float("inf"), "max_rel": float("inf"),
+                                                             "error": "no such quantity here"}
+                    continue
+                cmp.floats(f"{task}/{label}/{name}", ours[name], value)
+    return cmp
+
+
+def _official_loss_names(kind: str, out) -> dict[str, Tensor]:
+    """Our loss/metric names -> the release's loss-dict names."""
+    if kind == "retrieval":
+        return {"LabelSmoothing (i2t)": out.losses["i2t"], "LabelSmoothing (t2i)": out.losses["t2i"],
+                "Accuracy (i2t)": out.metrics["accuracy_i2t"], "Accuracy (t2i)": out.metrics["accuracy_t2i"]}
+    loss = next(iter(out.losses.values()))
+    return {"LabelSmoothing": loss, "CrossEntropy_Loss": loss, "Accuracy": out.metrics["accuracy"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m uniperceiver.tools.check_official", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle")
+    parser.add_argument("--json", default=None, help="write every comparison here")
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    bundle = torch.load(args.bundle, weights_only=True, map_location="cpu")
+    cmp = check_bundle(bundle, rtol=args.rtol)
+    width = max(len(k) for k in cmp.results)
+    worst = 0.0
+    for key, r in cmp.results.items():
+        if "exact" in r:
+            line = "identical" if r["exact"] else f"DIFFERENT {r.get('error', '')}"
+        else:
+            worst = max(worst, r["max_rel"])
+            line = f"max_abs {r['max_abs']:.3e}  max_rel {r['max_rel']:.3e}  {r.get('error', '')}"
+        print(f"{key:<{width}}  {line}")
+    failed = cmp.failed()
+    print(f"\n{len(cmp.results)} quantities compared; worst relative error {worst:.3e} (limit {args.rtol:g}); "
+          f"{len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bundle": args.bundle, "rtol": args.rtol, "worst_rel": worst,
+                       "failed": failed, "quantities": cmp.results}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
