@@ -16,3 +16,14 @@ from uniperceiver.config.model import (  # noqa: F401 -- re-exports
     ModelConfig,
     ModelMoEConfig,
 )
+from uniperceiver.config.schema import (  # noqa: F401 -- re-exports
+    DEFAULT_TEMPERATURE,
+    DataSourceConfig,
+    EvalConfig,
+    OptimConfig,
+    RunConfig,
+    TargetSetConfig,
+    TaskConfig,
+    TrainConfig,
+    resolve_path,
+)

@@ -1,0 +1,236 @@
+"""The run configuration: model, tasks, target sets, training and evaluation.
+
+A YAML file (with `_base_` inheritance) plus `key=value` overrides become a `RunConfig` through
+`uniperceiver.config.load_config(RunConfig, path, overrides)`; unknown keys and wrong types fail
+there, naming the key and the file. Paths may use environment variables (`$DATA_PATH/coco`):
+they are expanded when the data is opened (`resolve_path`), as the release prefixes DATA_PATH.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .model import TEMPERATURE_NAMES, ModelConfig
+
+TaskType = Literal[
+    "image_classification",
+    "video_classification",
+    "text_mlm",
+    "image_caption",
+    "video_caption",
+    "image_retrieval",
+    "video_retrieval",
+    "text_classification",
+]
+DataFormat = Literal[
+    "imagenet",  # meta/{train,val}.txt of `relpath label`, images under root/{split}/relpath
+    "imagenet22k",  # file list of `wnid idx class_id`, images at root/wnid/wnid_idx.JPEG
+    "kinetics",  # annotation.json + category_mapping.txt, videos root/{training|validation}/label/name
+    "mlm_corpus",  # plain text, one line per document piece
+    "coco_karpathy",  # captions_{train113k,val5k,test5k}.json
+    "flickr30k",  # all_data_final_{train,val_set0,test_set0}_2014.jsonline
+    "glue",  # GLUE-style TSV (sentence[, sentence2], label)
+    "jsonl",  # our manifest: one JSON object per line (image|video|text, label|caption(s))
+    "demo",  # the embedded offline demo data
+]
+
+# Temperature each task type uses by default (OFFICIAL.md 3.2).
+DEFAULT_TEMPERATURE: dict[str, str] = {
+    "image_classification": "img_cls",
+    "video_classification": "video_cls",
+    "text_mlm": "text_mlm",
+    "image_caption": "caption",
+    "video_caption": "caption",
+    "image_retrieval": "retrieve",
+    "video_retrieval": "retrieve",
+    "text_classification": "downstream",
+}
+
+
+def resolve_path(path: str, data_root: str = "") -> str:
+    """Expand `$VARS` and `~`; relative paths are taken under `data_root` (the release's DATA_PATH)."""
+    expanded = os.path.expanduser(os.path.expandvars(path))
+    if "$" in expanded:
+        raise ValueError(f"path {path!r} uses an unset environment variable")
+    if data_root and not os.path.isabs(expanded):
+        return os.path.join(os.path.expanduser(os.path.expandvars(data_root)), expanded)
+    return expanded
+
+
+@dataclass
+class DataSourceConfig:
+    """Where one split of a task's data lives and how it is laid out."""
+
+    format: DataFormat
+    root: str = ""  # images/videos folder (the release's FEATS_FOLDER)
+    annotations: str = ""  # annotation file or folder (ANNO_FOLDER)
+    split: str = "train"
+    # "raise": a missing/corrupt image or malformed annotation line stops with its file and line;
+    # "skip": such samples are left out and counted (reported in the logs).
+    on_error: Literal["raise", "skip"] = "raise"
+    limit: int | None = None  # use only the first N samples (debugging)
+    options: dict[str, Any] = field(default_factory=dict)  # format-specific settings
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class TargetSetConfig:
+    """A shared candidate set encoded by the model: class names, the vocabulary, verbalisers."""
+
+    kind: Literal["class_names", "vocabulary", "verbalizer"]
+    # class_names / verbalizer: a text file with one class per line ('a|b' = synonyms, one drawn
+    # per training step), or an inline list.
+    file: str | None = None
+    names: list[str] | None = None
+    # In training, slice the set across ranks and join with a differentiable all-gather.
+    distributed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind != "vocabulary" and (self.file is None) == (self.names is None):
+            raise ValueError(f"a {self.kind} target set needs exactly one of 'file' or 'names'")
+
+
+@dataclass
+class TaskConfig:
+    name: str
+    type: TaskType
+    train_data: DataSourceConfig | None = None
+    eval_data: DataSourceConfig | None = None
+    target_set: str | None = None  # a key of RunConfig.target_sets
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    sampling_weight: float = 1.0
+    loss_weight: float = 1.0
+    label_smoothing: float = 0.0
+    temperature: str | None = None  # default by type (DEFAULT_TEMPERATURE)
+    max_text_len: int = 50
+    # Visual input: None = model.image_size. Videos: frames per clip and the stride at 30 fps.
+    image_size: int | None = None
+    frames: int = 1
+    frame_stride: int = 32
+    # Evaluation views for video classification (the release's K400 protocol: 4 clips x 3 crops).
+    eval_clips: int = 1
+    eval_crops: int = 1
+    # Training augmentation: "default" picks by type (RandAugment for ImageNet-style
+    # classification, CLIP-style crops for captions/retrieval, jittered crops for video).
+    augment: Literal["default", "none"] = "default"
+    mixup: float = 0.0  # mixup alpha (0 = off); with cutmix, soft-target CE as S1 IN-22k
+    cutmix: float = 0.0
+    mlm_probability: float = 0.15
+    # Caption decoding
+    beam_size: int = 2
+    max_gen_len: int = 21
+    len_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.temperature is None:
+            self.temperature = DEFAULT_TEMPERATURE[self.type]
+        if self.temperature not in TEMPERATURE_NAMES:
+            raise ValueError(f"temperature {self.temperature!r} is not one of {list(TEMPERATURE_NAMES)}")
+        for name in ("batch_size", "eval_batch_size", "max_text_len", "frames", "beam_size", "max_gen_len",
+                     "eval_clips", "eval_crops"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sampling_weight < 0:
+            raise ValueError(f"sampling_weight must be >= 0, got {self.sampling_weight}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        needs_set = self.type in ("image_classification", "video_classification", "text_mlm",
+                                  "image_caption", "video_caption", "text_classification")
+        if needs_set and self.target_set is None:
+            raise ValueError(f"task type {self.type} needs a target_set")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW + linear warmup + cosine, per iteration (OFFICIAL.md 6)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-6
+    warmup_steps: int = 10000
+    clip_grad: float | None = 0.1  # global L2 norm; None = off
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    log_every: int = 10
+    # Task sampling: "weighted" draws a task per rank and step by sampling_weight (the release);
+    # "round_robin" cycles through the tasks, offset by rank.
+    sampling: Literal["weighted", "round_robin"] = "weighted"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    max_nonfinite: int = 10  # consecutive skipped non-finite steps before aborting
+    num_workers: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    init_from: str | None = None  # model weights to start from (a converted/saved model file)
+    tensorboard: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "checkpoint_every", "keep_last", "log_every", "grad_accum", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = None
+    tasks: list[str] | None = None  # default: every task with eval_data
+    output_json: str | None = None  # default: <train.output_dir>/eval.json
+    cache_dir: str | None = None  # cache encoded target sets on disk, keyed by checkpoint + set
+    target_chunk_size: int = 4096
+    # Pinned metrics ("task/metric": value) and the allowed absolute miss; a miss exits non-zero.
+    expected: dict[str, float] = field(default_factory=dict)
+    tolerance: float = 0.01
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    target_sets: dict[str, TargetSetConfig] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    data_root: str = ""  # relative data paths are taken under it (default $DATA_PATH if set)
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {dup}")
+        for task in self.tasks:
+            if task.target_set is not None and task.target_set not in self.target_sets:
+                raise ValueError(
+                    f"task {task.name!r} uses target_set {task.target_set!r}, not defined in target_sets "
+                    f"(defined: {sorted(self.target_sets)})"
+                )
+        if self.model.moe.enabled and self.model.moe.routing.router == "task":
+            if len(self.tasks) > self.model.moe.routing.num_tasks:
+                raise ValueError(
+                    f"{len(self.tasks)} tasks but model.moe.routing.num_tasks={self.model.moe.routing.num_tasks}"
+                )
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task {name!r}; tasks are {[t.name for t in self.tasks]}")
