@@ -1,0 +1,62 @@
+"""This project's model -> an official-format state dict (the inverse of `official_to_ours`).
+
+Lets users run the official code on weights trained here, and lets tests build official-format
+checkpoints (dense and MoE) without the official code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..modeling.model import UniPerceiver
+from .official import _PLAIN, _SPATIAL, _VISUAL_TYPE
+
+_SUB_OFFICIAL = {"qkv": "self_attn.qkv_proj", "attn_out": "self_attn.dense", "fc1": "linear1", "fc2": "linear2"}
+_DENSE_MHA = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias",
+              "attn_out.weight": "self_attn.out_proj.weight", "attn_out.bias": "self_attn.out_proj.bias"}
+
+
+def to_official_state_dict(model: UniPerceiver, dense_mha_names: bool | None = None) -> dict[str, Tensor]:
+    """Official key names. Dense models use nn.MultiheadAttention names (the released dense
+    format) unless `dense_mha_names=False`. Sublayers that reuse a sibling's decision get a copy
+    of its router, as the official model holds (unused) gates there."""
+    sd = model.state_dict()
+    dense_mha = (not model.cfg.moe.enabled) if dense_mha_names is None else dense_mha_names
+    inverse_plain = {ours: official for official, ours in _PLAIN.items()}
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key in inverse_plain:
+            out[inverse_plain[key]] = value
+            if key.startswith("embed.norm."):
+                out[inverse_plain[key].replace("token_embed", "video_embed")] = value
+        elif key.startswith("predictor.logit_scale."):
+            out[f"loss_prepare.logit_scale_{key.rsplit('.', 1)[1]}"] = value
+        elif key == "embed.visual_type.weight":
+            out[_VISUAL_TYPE] = value
+        elif key.startswith("encoder.layers."):
+            _, _, layer, rest = key.split(".", 3)
+            prefix = f"fused_encoder.layers.{layer}."
+            sub, _, leaf = rest.partition(".")
+            if sub in ("gamma_1", "gamma_2", "norm1", "norm2"):
+                out[prefix + rest] = value
+            elif dense_mha and rest in _DENSE_MHA:
+                out[prefix + _DENSE_MHA[rest]] = value
+            elif leaf in ("weight", "bias"):
+                out[f"{prefix}{_SUB_OFFICIAL[sub]}.{leaf}"] = value
+            elif leaf in ("weight_EOI", "bias_EO"):
+                name = "weight" if leaf == "weight_EOI" else "bias"
+                for e in range(value.shape[0]):
+                    out[f"{prefix}{_SUB_OFFICIAL[sub]}.experts.deepspeed_experts.{e}.{name}"] = value[e]
+            elif leaf.startswith("router."):
+                out[f"{prefix}{_SUB_OFFICIAL[sub]}.gate.{leaf[len('router.'):]}"] = value
+                twin = {"qkv": "attn_out", "fc1": "fc2"}.get(sub)
+                if twin and model.cfg.moe.share_decisions and twin in model.cfg.moe.sublayers:
+                    out[f"{prefix}{_SUB_OFFICIAL[twin]}.gate.{leaf[len('router.'):]}"] = value.clone()
+            else:
+                raise KeyError(f"no official name for {key}")
+        else:
+            raise KeyError(f"no official name for {key}")
+    out[_SPATIAL] = model.embed.spatial_pos.detach().clone()
+    if _VISUAL_TYPE not in out:
+        out[_VISUAL_TYPE] = torch.zeros(1, model.cfg.d_model)
+    return out
