@@ -122,6 +122,14 @@ class TargetSet:
     def __len__(self) -> int:
         return self.ids_NL.shape[0]
 
+    def to(self, device: torch.device | str) -> TargetSet:
+        return replace(
+            self,
+            ids_NL=self.ids_NL.to(device),
+            padding_mask_NL=None if self.padding_mask_NL is None else self.padding_mask_NL.to(device),
+            attributes_SA=None if self.attributes_SA is None else self.attributes_SA.to(device),
+        )
+
     def slice(self, start: int, stop: int) -> Sequence:
         mask = None if self.padding_mask_NL is None else self.padding_mask_NL[start:stop]
         return Sequence(
@@ -161,3 +169,15 @@ class TaskBatch:
     loss_weight: float = 1.0
     label_smoothing: float = 0.0
     meta: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            inputs=self.inputs.to(device),
+            targets=None if self.targets is None else self.targets.to(device),
+            labels=move(self.labels),
+            target_owner=move(self.target_owner),
+            spe_index=move(self.spe_index),
+            decode_attributes_SA=move(self.decode_attributes_SA),
+        )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from moe import MoELinear, RoutingContext, SegmentDecision
@@ -153,6 +154,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(
             EncoderLayer(cfg, i, cfg.drop_path) for i in range(cfg.num_layers)
         )
+        # Recompute each layer's activations in backward instead of storing them (training only).
+        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -166,9 +169,16 @@ class Encoder(nn.Module):
         new_caches: list[LayerCache] | None = [] if keep_kv else None
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
-            x_BLD, layer_decisions, kv = layer(
-                x_BLD, ctx, allowed_BHLM, cache, keep_kv, name=f"layers.{i}"
-            )
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Non-reentrant checkpointing replays the saved RNG state, so drop path and gate
+                # noise draw the same values in the recomputation.
+                x_BLD, layer_decisions, kv = torch.utils.checkpoint.checkpoint(
+                    layer, x_BLD, ctx, allowed_BHLM, cache, keep_kv, f"layers.{i}", use_reentrant=False
+                )
+            else:
+                x_BLD, layer_decisions, kv = layer(
+                    x_BLD, ctx, allowed_BHLM, cache, keep_kv, name=f"layers.{i}"
+                )
             decisions.extend(layer_decisions)
             if new_caches is not None:
                 new_caches.append(kv)

@@ -1,0 +1,126 @@
+"""Training logs: a console progress line with ETA, tensorboard scalars and `metrics.jsonl`.
+
+Every rank runs its own task, so at each log step the per-task numbers of all ranks are gathered
+(one small collective at the same steps on every rank) and rank 0 writes them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed as du
+from ..config.schema import TrainConfig
+
+log = logging.getLogger("uniperceiver.train")
+
+
+def moe_stats(decisions: list) -> dict[str, float]:
+    """Per routed sublayer: share of gate mass per expert and the mean gate entropy."""
+    stats: dict[str, float] = {}
+    for name, decision in decisions:
+        ids, gates = decision.expert_ids_SK.detach().cpu(), decision.gates_SK.detach().float().cpu()
+        logits = getattr(decision, "logits_SE", None)
+        num_experts = logits.shape[-1] if logits is not None else int(ids.max()) + 1
+        load = torch.zeros(num_experts).index_add_(0, ids.reshape(-1), gates.reshape(-1))
+        load = load / load.sum().clamp_min(1e-9)
+        for e, v in enumerate(load.tolist()):
+            stats[f"moe/{name}/expert_{e}"] = v
+        if logits is not None:
+            p = torch.softmax(logits.detach().float().cpu(), -1)
+            stats[f"moe/{name}/gate_entropy"] = float(-(p * p.clamp_min(1e-9).log()).sum(-1).mean())
+    return stats
+
+
+class TrainLogger:
+    def __init__(self, output_dir: Path, cfg: TrainConfig, is_main: bool, task_names: list[str]) -> None:
+        self.cfg, self.is_main, self.output_dir = cfg, is_main, output_dir
+        self.window: list[dict[str, Any]] = []
+        self.start_time = time.perf_counter()
+        self.start_step: int | None = None
+        self.writer = None
+        self.jsonl = None
+        if is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(output_dir / "metrics.jsonl", "a")
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def log_step(self, step: int, logs: dict[str, Any], lr: float, model: torch.nn.Module) -> None:
+        if self.start_step is None:
+            self.start_step = step - 1
+        record = {"step": step, "grad_norm": logs["grad_norm"], "seconds": logs["seconds"], "skipped": logs["skipped"],
+                  "tasks": [(name, loss, metrics, size) for name, loss, metrics, _, size in logs["micro"]],
+                  "moe": moe_stats([d for *_, decisions, _ in logs["micro"] for d in decisions])}
+        self.window.append(record)
+        if step % self.cfg.log_every != 0 and step != self.cfg.max_steps:
+            return
+        gathered = du.all_gather_objects(self.window)  # same steps on every rank
+        self.window = []
+        if not self.is_main:
+            return
+        per_task: dict[str, list[float]] = defaultdict(list)
+        metrics: dict[str, list[float]] = defaultdict(list)
+        moe: dict[str, list[float]] = defaultdict(list)
+        samples, seconds = 0, 0.0
+        for rank_records in gathered:
+            for rec in rank_records:
+                for name, loss, task_metrics, size in rec["tasks"]:
+                    per_task[name].append(loss)
+                    samples += size
+                    for k, v in task_metrics.items():
+                        metrics[f"{name}/{k}"].append(v)
+                for k, v in rec["moe"].items():
+                    moe[k].append(v)
+            seconds = max(seconds, sum(r["seconds"] for r in rank_records))
+        last = gathered[0][-1]
+        temps = {n: float(p.detach().exp().clamp(max=model.cfg.temperature_cap))
+                 for n, p in model.predictor.logit_scale.items()}
+        row = {"step": step, "lr": lr, "grad_norm": last["grad_norm"],
+               "loss": {k: sum(v) / len(v) for k, v in per_task.items()},
+               "metrics": {k: sum(v) / len(v) for k, v in metrics.items()},
+               "samples_per_s": samples / max(seconds, 1e-9), "temperature": temps,
+               "skipped_steps": sum(r["skipped"] for rr in gathered for r in rr)}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in row["loss"].items():
+                self.writer.add_scalar(f"loss/{k}", v, step)
+            for k, v in row["metrics"].items():
+                self.writer.add_scalar(f"metrics/{k}", v, step)
+            for k, v in temps.items():
+                self.writer.add_scalar(f"temperature/{k}", v, step)
+            for k, v in moe.items():
+                self.writer.add_scalar(k, sum(v) / len(v), step)
+            self.writer.add_scalar("lr", lr, step)
+            self.writer.add_scalar("grad_norm", row["grad_norm"], step)
+            self.writer.add_scalar("throughput/samples_per_s", row["samples_per_s"], step)
+        elapsed = time.perf_counter() - self.start_time
+        done = step - (self.start_step or 0)
+        eta = elapsed / max(done, 1) * (self.cfg.max_steps - step)
+        losses = " ".join(f"{k}={v:.3f}" for k, v in sorted(row["loss"].items()))
+        log.info("step %d/%d | %s | lr %.2e | %.1f samples/s | %.2f it/s | eta %s",
+                 step, self.cfg.max_steps, losses, lr, row["samples_per_s"], done / max(elapsed, 1e-9),
+                 _fmt_seconds(eta))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    m, sec = divmod(int(s), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"

@@ -1,0 +1,316 @@
+"""The multi-task trainer: unmixed task sampling, DDP, AMP, clipping, checkpoints, logs.
+
+Read `Trainer.train_step` top to bottom: it is one iteration of the release's recipe
+(OFFICIAL.md 5-6): every rank draws its own task, encodes the target sets it needs (sliced ones
+on every rank, joined by a differentiable all-gather), computes its weighted task loss, and DDP
+averages the gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .. import distributed as du
+from ..config import RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
+from ..data import build_dataset, build_target_set, make_collate
+from ..modeling.batch import TargetSet, TaskBatch
+from ..modeling.model import UniPerceiver, load_state_dict_strict
+from ..tasks import TaskOutput, run_task
+from ..tokenization import ClipTokenizer
+from ..utils.io import load_checkpoint_file
+from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .logger import TrainLogger
+from .optim import build_optimizer, build_scheduler
+from .sampler import StreamBatchSampler, TaskSampler, TaskStream, mix_seed
+
+log = logging.getLogger("uniperceiver.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def encode_target_set(model: UniPerceiver, target_set: TargetSet, sliced: bool) -> Tensor:
+    """Features [N, D] of a target set. `sliced`: each rank encodes ceil(N/world) entries
+    (padded with copies of entry 0) and the slices are joined with a differentiable all-gather,
+    then truncated to N (OFFICIAL.md 3.3)."""
+    world = du.world_size()
+    if not sliced or world == 1:
+        return model.encode_targets(target_set)
+    n = len(target_set)
+    per_rank = math.ceil(n / world)
+    start = du.rank() * per_rank
+    index = torch.arange(start, start + per_rank) % n
+    index[start + torch.arange(per_rank) >= n] = 0
+    local = TargetSet(target_set.name, target_set.ids_NL[index],
+                      None if target_set.padding_mask_NL is None else target_set.padding_mask_NL[index],
+                      target_set.attributes_SA, target_set.task_id)
+    feats = model.encode_targets(local)
+    gathered = torch.distributed.nn.functional.all_gather(feats)
+    return torch.cat(gathered, dim=0)[:n]
+
+
+class TrainStep(nn.Module):
+    """Model + task loss as one module, so DDP sees a forward per iteration."""
+
+    def __init__(self, model: UniPerceiver) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TaskBatch, target_sets: dict[str, TargetSet], sliced: set[str]) -> tuple[Tensor, TaskOutput]:
+        feats = {name: encode_target_set(self.model, ts, name in sliced) for name, ts in target_sets.items()}
+        out = run_task(self.model, batch, feats)
+        loss = out.loss
+        # Keep every encoded set in the graph (0 x its sum): the all-gather's backward is a
+        # collective every rank must join, whether or not its task used that set.
+        unused = [f.sum() for name, f in feats.items() if name != batch.target_set]
+        if unused:
+            loss = loss + 0.0 * torch.stack(unused).sum()
+        return loss, out
+
+
+@dataclass
+class _TaskData:
+    cfg: TaskConfig
+    dataset: torch.utils.data.Dataset
+    collate: Any
+    stream: TaskStream
+    iterator: Any = None  # made on first use (see _next_batch)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        tcfg = cfg.train
+        device_type = "cuda" if tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.info = du.init_distributed(device_type)
+        self.rank, self.world = du.rank(), du.world_size()
+        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self.output_dir = Path(resolve_path(tcfg.output_dir))
+        self.data_root = cfg.data_root or ""
+        self.tokenizer = ClipTokenizer()
+
+        # Same initial weights on every rank (DDP also broadcasts), then per-rank randomness.
+        torch.manual_seed(cfg.seed)
+        self.model = UniPerceiver(cfg.model)
+        if tcfg.init_from:
+            self._load_init_weights(resolve_path(tcfg.init_from, self.data_root))
+        self.model.encoder.activation_checkpointing = tcfg.activation_checkpointing
+        self.model.to(self.device)
+        self._seed_rank_rngs()
+
+        self.tasks = self._build_tasks()
+        self.sampler = TaskSampler([t.cfg.sampling_weight for t in self.tasks], cfg.seed, self.rank, tcfg.sampling)
+        used_sets = {t.cfg.target_set for t in self.tasks if t.cfg.target_set}
+        self.sliced = {name for name in used_sets if cfg.target_sets[name].distributed}
+        self.target_sources = {name: build_target_set(name, cfg.target_sets[name], self.tokenizer, self.data_root)
+                               for name in sorted(used_sets)}
+
+        self.step_module = TrainStep(self.model)
+        if self.world > 1:
+            self.ddp: nn.Module = DDP(self.step_module, device_ids=[self.device.index] if device_type == "cuda" else None,
+                                      find_unused_parameters=True, broadcast_buffers=False)
+        else:
+            self.ddp = self.step_module
+        self.optimizer = build_optimizer(self.model, tcfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, tcfg.optim, tcfg.max_steps)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp)
+        self.scaler = torch.amp.GradScaler(device_type, init_scale=2.0**13, growth_interval=200,
+                                           enabled=tcfg.amp == "fp16")
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._stop_signal: int | None = None
+        self.logger = TrainLogger(self.output_dir, tcfg, self.rank == 0, [t.cfg.name for t in self.tasks])
+
+    # ------------------------------------------------------------------ setup
+    def _seed_rank_rngs(self) -> None:
+        seed = mix_seed(self.cfg.seed, 0x12A4, self.rank)
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+    def _load_init_weights(self, path: str) -> None:
+        blob = load_checkpoint_file(path, weights_only=False)
+        state = blob.get("model", blob) if isinstance(blob, dict) else blob
+        load_state_dict_strict(self.model, state, source=path)
+
+    def _build_tasks(self) -> list[_TaskData]:
+        tasks = []
+        for task_id, tcfg in enumerate(self.cfg.tasks):
+            if tcfg.train_data is None:
+                continue
+            dataset = build_dataset(tcfg, "train", self.tokenizer, self.cfg.model, self.data_root)
+            stream = TaskStream(len(dataset), tcfg.batch_size, self.cfg.seed, task_id, self.rank, self.world)
+            collate = make_collate(tcfg, self.tokenizer, training=True, task_id=task_id)
+            tasks.append(_TaskData(tcfg, dataset, collate, stream))
+        if not tasks:
+            raise ValueError("no task has train_data: nothing to train")
+        return tasks
+
+    def _next_batch(self, task_idx: int, start_batch: int) -> TaskBatch:
+        task = self.tasks[task_idx]
+        if task.iterator is None:
+            loader = torch.utils.data.DataLoader(
+                task.dataset, batch_sampler=StreamBatchSampler(task.stream, start_batch), collate_fn=task.collate,
+                num_workers=self.cfg.train.num_workers, persistent_workers=self.cfg.train.num_workers > 0,
+                # Its own generator: creating a loader must not consume the global RNG, or a
+                # resumed run (which creates loaders at another step) would drift.
+                generator=torch.Generator().manual_seed(self.cfg.seed),
+            )
+            task.iterator = iter(loader)
+        return next(task.iterator)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "nonfinite_total": self.nonfinite_total,
+            "config": to_dict(self.cfg),
+            "rng": du.all_gather_objects(rng),
+            "world_size": self.world,
+        }
+
+    def save(self) -> None:
+        state = self.state_dict()  # every rank joins the RNG gather
+        if self.rank == 0:
+            path = save_checkpoint(state, self.output_dir, self.step, self.cfg.train.keep_last)
+            log.info("saved %s", path)
+        du.barrier()
+
+    def resume(self) -> bool:
+        found = load_latest_checkpoint(self.output_dir)
+        if found is None:
+            return False
+        state, path = found
+        load_state_dict_strict(self.model, state["model"], source=str(path))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        rngs = state.get("rng") or []
+        if len(rngs) == self.world:
+            rng = rngs[self.rank]
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if rng.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:
+            log.warning("checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(rngs), self.world)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                signal.signal(sig, request_stop)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(flag.item())
+
+    def train(self) -> dict[str, Any]:
+        tcfg = self.cfg.train
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(self.cfg, self.output_dir / "config.yaml")
+        self.resume()
+        consumed = self.sampler.counts_before(self.step * tcfg.grad_accum)
+        self._starts = consumed
+        self._install_signal_handlers()
+        self.model.train()
+        result: dict[str, Any] = {"preempted": False}
+        while self.step < tcfg.max_steps:
+            logs = self.train_step()
+            self.step += 1
+            self.logger.log_step(self.step, logs, logs["lr"], self.model)
+            if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.max_steps:
+                self.save()
+            if self._stop_requested():
+                if self.step % tcfg.checkpoint_every != 0 and self.step != tcfg.max_steps:
+                    self.save()
+                log.warning("stopping on signal %s at step %d (checkpoint saved)", self._stop_signal, self.step)
+                result["preempted"] = True
+                break
+        self.logger.close()
+        result.update(step=self.step, nonfinite_total=self.nonfinite_total)
+        return result
+
+    def train_step(self) -> dict[str, Any]:
+        tcfg = self.cfg.train
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro_logs = []
+        for micro in range(tcfg.grad_accum):
+            global_micro = self.step * tcfg.grad_accum + micro
+            task_idx = self.sampler.task_at(global_micro)
+            task = self.tasks[task_idx]
+            batch = self._next_batch(task_idx, self._starts[task_idx]).to(self.device)
+            # Target sets: the task's own, plus every sliced set (its all-gather is collective).
+            # Synonyms are drawn from the step, so all ranks agree on a sliced set's content.
+            names = ({task.cfg.target_set} if task.cfg.target_set else set()) | self.sliced
+            sets = {n: self.target_sources[n].get(seed=mix_seed(self.cfg.seed, 0x7A67, self.step)).to(self.device)
+                    for n in sorted(names)}
+            # Accumulate locally; DDP all-reduces on the last micro-batch only.
+            sync = contextlib.nullcontext() if micro == tcfg.grad_accum - 1 or self.world == 1 else self.ddp.no_sync()
+            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss, out = self.ddp(batch, sets, self.sliced)
+                self.scaler.scale(loss / tcfg.grad_accum).backward()
+            micro_logs.append((task.cfg.name, float(loss.detach()), {k: float(v) for k, v in out.metrics.items()},
+                               out.decisions, batch.inputs.batch_size))
+
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.unscale_(self.optimizer)
+        clip = tcfg.optim.clip_grad if tcfg.optim.clip_grad is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # Gradients are averaged over ranks already, so every rank takes the same decision here.
+        finite = bool(torch.isfinite(grad_norm))
+        if tcfg.amp == "fp16":
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        if finite:
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            log.warning("step %d: non-finite loss/gradient (task %s), update skipped (%d in a row)",
+                        self.step, micro_logs[-1][0], self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row > tcfg.max_nonfinite and tcfg.amp != "fp16":
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row (limit train.max_nonfinite="
+                    f"{tcfg.max_nonfinite}); last task {micro_logs[-1][0]} at step {self.step}"
+                )
+        return {"micro": micro_logs, "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0,
+                "skipped": not finite, "lr": lr}
