@@ -49,7 +49,12 @@ DEFAULT_TEMPERATURE: dict[str, str] = {
 
 
 def resolve_path(path: str, data_root: str = "") -> str:
-    """Expand `$VARS` and `~`; relative paths are taken under `data_root` (the release's DATA_PATH)."""
+    """Expand `$VARS` and `~`; relative paths are taken under `data_root` (the release's DATA_PATH).
+    `demo:NAME` is the file NAME of the packaged demo data."""
+    if path.startswith("demo:"):
+        from ..demo.data_files import demo_data_dir
+
+        return str(demo_data_dir() / path[len("demo:"):])
     expanded = os.path.expanduser(os.path.expandvars(path))
     if "$" in expanded:
         raise ValueError(f"path {path!r} uses an unset environment variable")
@@ -83,7 +88,8 @@ class TargetSetConfig:
 
     kind: Literal["class_names", "vocabulary", "verbalizer"]
     # class_names / verbalizer: a text file with one class per line ('a|b' = synonyms, one drawn
-    # per training step), or an inline list.
+    # per training step), or an inline list. vocabulary: all 49,411 ids, or only the token ids
+    # listed in `file` (whitespace-separated integers), e.g. the words of a small corpus.
     file: str | None = None
     names: list[str] | None = None
     # In training, slice the set across ranks and join with a differentiable all-gather.
@@ -92,6 +98,8 @@ class TargetSetConfig:
     def __post_init__(self) -> None:
         if self.kind != "vocabulary" and (self.file is None) == (self.names is None):
             raise ValueError(f"a {self.kind} target set needs exactly one of 'file' or 'names'")
+        if self.kind == "vocabulary" and self.names is not None:
+            raise ValueError("a vocabulary target set takes no 'names' (use 'file' with token ids)")
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""Task data: readers of the original layouts, transforms, collation into `TaskBatch`es and the
+shared target sets.
+
+Sample convention (every reader returns a dict):
+- `image`: float [3, S, S], normalised with the ImageNet mean/std;
+- `video`: float [T, 3, S, S], normalised with mean = std = 0.5; multi-view evaluation
+  [V, T, 3, S, S] (V = eval_crops x eval_clips, crop-major);
+- `label`: int (classification, GLUE);
+- `caption`: str, one training caption; `captions`: list[str], every ground truth (evaluation);
+- `ids` (list[int]) + `mlm_labels` (list[int], -1 where not masked): MLM;
+- `ids` + `spe_index` (int) + `label`: GLUE-style text classification;
+- `id`: the sample id used in evaluation outputs;
+- `skipped` (only when > 0): unreadable samples passed over to reach this one (`on_error: skip`).
+
+Randomness: in training index a dataset with `(index, seed)`; every random choice of the sample
+depends only on that seed (`uniperceiver.data.rng`). A plain int index (evaluation) uses a seed
+derived from the index, so evaluation is deterministic.
+
+Entry points: `build_dataset`, `make_collate`, `build_target_set`, `build_mixup`.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from torch.utils.data import Dataset
+
+from ..config.model import ModelConfig
+from ..config.schema import TaskConfig
+from ..tokenization import ClipTokenizer
+from .collate import TASK_KINDS, TaskCollate, make_collate, pad_ids
+from .errors import DataError, MediaError
+from .rng import derive_seed, sample_rng, split_index
+from .target_sets import TargetSetSource, build_target_set, read_class_names
+from .transforms import BatchMixup, build_image_transform, build_mixup, build_video_transform
+
+__all__ = [
+    "TASK_KINDS",
+    "BatchMixup",
+    "DataError",
+    "MediaError",
+    "TargetSetSource",
+    "TaskCollate",
+    "build_dataset",
+    "build_image_transform",
+    "build_mixup",
+    "build_target_set",
+    "build_video_transform",
+    "derive_seed",
+    "make_collate",
+    "pad_ids",
+    "read_class_names",
+    "sample_rng",
+    "split_index",
+]
+
+_ACCEPTS = {  # format -> task types it can feed
+    "imagenet": ("image_classification",),
+    "imagenet22k": ("image_classification",),
+    "kinetics": ("video_classification",),
+    "coco_karpathy": ("image_caption", "image_retrieval"),
+    "flickr30k": ("image_caption", "image_retrieval"),
+    "mlm_corpus": ("text_mlm",),
+    "glue": ("text_classification",),
+}
+
+
+def build_dataset(
+    task: TaskConfig,
+    split: Literal["train", "eval"],
+    tokenizer: ClipTokenizer,
+    model_cfg: ModelConfig | None = None,
+    data_root: str = "",
+    num_classes: int | None = None,
+) -> Dataset:
+    """The dataset of `task.train_data` (split 'train') or `task.eval_data` (split 'eval').
+
+    `num_classes` (the size of the task's target set), when given, is checked against the labels
+    the annotations list, so a class-name file that does not match the data fails here.
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    source = task.train_data if split == "train" else task.eval_data
+    if source is None:
+        raise ValueError(f"task {task.name!r} has no {'train_data' if split == 'train' else 'eval_data'}")
+    training = split == "train"
+    fmt = source.format
+    if fmt == "demo":
+        from .datasets.demo import build_demo_dataset  # written separately; imported lazily
+
+        return build_demo_dataset(task, source, split, tokenizer, model_cfg)
+    if fmt in _ACCEPTS and task.type not in _ACCEPTS[fmt]:
+        raise ValueError(f"task {task.name!r}: data format {fmt!r} feeds {list(_ACCEPTS[fmt])}, not {task.type}")
+
+    from . import datasets as ds
+
+    if fmt == "imagenet":
+        dataset = ds.ImageNetDataset(source, build_image_transform(task, model_cfg, training), training, data_root)
+    elif fmt == "imagenet22k":
+        dataset = ds.ImageNet22kDataset(source, build_image_transform(task, model_cfg, training), training,
+                                        data_root)
+    elif fmt == "kinetics":
+        dataset = ds.KineticsDataset(source, build_video_transform(task, model_cfg, training), training,
+                                     frames=task.frames, frame_stride=task.frame_stride,
+                                     eval_clips=task.eval_clips, data_root=data_root)
+    elif fmt == "coco_karpathy":
+        dataset = ds.CocoKarpathyDataset(source, build_image_transform(task, model_cfg, training), training,
+                                         data_root)
+    elif fmt == "flickr30k":
+        dataset = ds.Flickr30kDataset(source, build_image_transform(task, model_cfg, training), training, data_root)
+    elif fmt == "mlm_corpus":
+        dataset = ds.MLMCorpusDataset(source, tokenizer, training, max_len=task.max_text_len,
+                                      probability=task.mlm_probability, data_root=data_root)
+    elif fmt == "glue":
+        dataset = ds.GlueDataset(source, tokenizer, training, max_len=task.max_text_len, data_root=data_root)
+    elif fmt == "jsonl":
+        visual = task.type.split("_")[0]
+        dataset = ds.JsonlDataset(
+            source, training, task_type=task.type,
+            image_transform=build_image_transform(task, model_cfg, training) if visual == "image" else None,
+            video_transform=build_video_transform(task, model_cfg, training) if visual == "video" else None,
+            tokenizer=tokenizer, max_len=task.max_text_len, frames=task.frames, frame_stride=task.frame_stride,
+            eval_clips=task.eval_clips, mlm_probability=task.mlm_probability, data_root=data_root,
+        )
+    else:
+        raise ValueError(f"task {task.name!r}: unknown data format {fmt!r}")
+    if num_classes is not None:
+        dataset.check_num_classes(num_classes, f"target set {task.target_set!r}")
+    return dataset

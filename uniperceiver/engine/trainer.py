@@ -278,6 +278,8 @@ class Trainer:
             names = ({task.cfg.target_set} if task.cfg.target_set else set()) | self.sliced
             sets = {n: self.target_sources[n].get(seed=mix_seed(self.cfg.seed, 0x7A67, self.step)).to(self.device)
                     for n in sorted(names)}
+            if task.cfg.target_set:
+                batch = batch.with_vocabulary_rows(sets[task.cfg.target_set])
             # Accumulate locally; DDP all-reduces on the last micro-batch only.
             sync = contextlib.nullcontext() if micro == tcfg.grad_accum - 1 or self.world == 1 else self.ddp.no_sync()
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()

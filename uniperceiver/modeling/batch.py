@@ -118,6 +118,21 @@ class TargetSet:
     padding_mask_NL: Tensor | None
     attributes_SA: Tensor | None = None
     task_id: int = 0
+    # A vocabulary subset: the token id of each row (None = row v is token v).
+    token_ids_N: Tensor | None = None
+
+    def rows_of(self, token_ids: Tensor) -> Tensor:
+        """Row index of each token id (-1 stays -1): vocabulary labels -> candidate indices."""
+        if self.token_ids_N is None:
+            return token_ids
+        lut = torch.full((int(self.token_ids_N.max()) + 2,), -2, dtype=torch.long, device=token_ids.device)
+        lut[self.token_ids_N.to(token_ids.device)] = torch.arange(len(self), device=token_ids.device)
+        rows = torch.where(token_ids >= 0, lut[token_ids.clamp(0, lut.shape[0] - 1)], token_ids)
+        bad = (token_ids >= 0) & ((token_ids >= lut.shape[0] - 1) | (rows == -2))
+        if bool(bad.any()):
+            missing = sorted(set(token_ids[bad].tolist()))[:10]
+            raise ValueError(f"target set {self.name!r} (a vocabulary subset) lacks token ids {missing}")
+        return rows
 
     def __len__(self) -> int:
         return self.ids_NL.shape[0]
@@ -128,9 +143,10 @@ class TargetSet:
             ids_NL=self.ids_NL.to(device),
             padding_mask_NL=None if self.padding_mask_NL is None else self.padding_mask_NL.to(device),
             attributes_SA=None if self.attributes_SA is None else self.attributes_SA.to(device),
+            token_ids_N=None if self.token_ids_N is None else self.token_ids_N.to(device),
         )
 
-    def slice(self, start: int, stop: int) -> Sequence:
+    def slice(self, start: int, stop: int) -> Sequence:  # noqa: A003
         mask = None if self.padding_mask_NL is None else self.padding_mask_NL[start:stop]
         return Sequence(
             [Segment("text", self.ids_NL[start:stop], mask)],
@@ -181,3 +197,9 @@ class TaskBatch:
             spe_index=move(self.spe_index),
             decode_attributes_SA=move(self.decode_attributes_SA),
         )
+
+    def with_vocabulary_rows(self, target_set: TargetSet) -> TaskBatch:
+        """MLM/caption labels are token ids; against a vocabulary subset they become row indices."""
+        if target_set.token_ids_N is None or self.labels is None or self.kind not in ("mlm", "caption"):
+            return self
+        return replace(self, labels=target_set.rows_of(self.labels))
