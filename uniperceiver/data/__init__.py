@@ -87,7 +87,10 @@ def build_dataset(
     if fmt == "demo":
         from .datasets.demo import build_demo_dataset  # written separately; imported lazily
 
-        return build_demo_dataset(task, source, split, tokenizer, model_cfg)
+        dataset = build_demo_dataset(task, source, split, tokenizer, model_cfg)
+        if num_classes is not None and hasattr(dataset, "check_num_classes"):
+            dataset.check_num_classes(num_classes, f"target set {task.target_set!r}")
+        return dataset
     if fmt in _ACCEPTS and task.type not in _ACCEPTS[fmt]:
         raise ValueError(f"task {task.name!r}: data format {fmt!r} feeds {list(_ACCEPTS[fmt])}, not {task.type}")
 

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import distributed as du
 from ..config import RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
-from ..data import build_dataset, build_target_set, make_collate
+from ..data import build_dataset, build_mixup, build_target_set, make_collate
 from ..modeling.batch import TargetSet, TaskBatch
 from ..modeling.model import UniPerceiver, load_state_dict_strict
 from ..tasks import TaskOutput, run_task
@@ -88,6 +88,7 @@ class _TaskData:
     dataset: torch.utils.data.Dataset
     collate: Any
     stream: TaskStream
+    mixup: Any = None  # Mixup/CutMix for classification (soft targets), or None
     iterator: Any = None  # made on first use (see _next_batch)
 
 
@@ -112,12 +113,12 @@ class Trainer:
         self.model.to(self.device)
         self._seed_rank_rngs()
 
-        self.tasks = self._build_tasks()
-        self.sampler = TaskSampler([t.cfg.sampling_weight for t in self.tasks], cfg.seed, self.rank, tcfg.sampling)
-        used_sets = {t.cfg.target_set for t in self.tasks if t.cfg.target_set}
-        self.sliced = {name for name in used_sets if cfg.target_sets[name].distributed}
+        used_sets = {t.target_set for t in cfg.tasks if t.train_data is not None and t.target_set}
         self.target_sources = {name: build_target_set(name, cfg.target_sets[name], self.tokenizer, self.data_root)
                                for name in sorted(used_sets)}
+        self.sliced = {name for name in used_sets if cfg.target_sets[name].distributed}
+        self.tasks = self._build_tasks()
+        self.sampler = TaskSampler([t.cfg.sampling_weight for t in self.tasks], cfg.seed, self.rank, tcfg.sampling)
 
         self.step_module = TrainStep(self.model)
         if self.world > 1:
@@ -153,10 +154,14 @@ class Trainer:
         for task_id, tcfg in enumerate(self.cfg.tasks):
             if tcfg.train_data is None:
                 continue
-            dataset = build_dataset(tcfg, "train", self.tokenizer, self.cfg.model, self.data_root)
+            classification = tcfg.type in ("image_classification", "video_classification", "text_classification")
+            # The size of the class-name set is checked against the labels the data lists.
+            num_classes = len(self.target_sources[tcfg.target_set]) if classification else None
+            dataset = build_dataset(tcfg, "train", self.tokenizer, self.cfg.model, self.data_root, num_classes=num_classes)
             stream = TaskStream(len(dataset), tcfg.batch_size, self.cfg.seed, task_id, self.rank, self.world)
             collate = make_collate(tcfg, self.tokenizer, training=True, task_id=task_id)
-            tasks.append(_TaskData(tcfg, dataset, collate, stream))
+            mixup = build_mixup(tcfg, num_classes) if classification and tcfg.type != "text_classification" else None
+            tasks.append(_TaskData(tcfg, dataset, collate, stream, mixup))
         if not tasks:
             raise ValueError("no task has train_data: nothing to train")
         return tasks
@@ -272,7 +277,10 @@ class Trainer:
             global_micro = self.step * tcfg.grad_accum + micro
             task_idx = self.sampler.task_at(global_micro)
             task = self.tasks[task_idx]
-            batch = self._next_batch(task_idx, self._starts[task_idx]).to(self.device)
+            batch = self._next_batch(task_idx, self._starts[task_idx])
+            if task.mixup is not None:
+                batch = task.mixup(batch, seed=mix_seed(self.cfg.seed, 0x313C, self.rank, global_micro))
+            batch = batch.to(self.device)
             # Target sets: the task's own, plus every sliced set (its all-gather is collective).
             # Synonyms are drawn from the step, so all ranks agree on a sliced set's content.
             names = ({task.cfg.target_set} if task.cfg.target_set else set()) | self.sliced
@@ -287,8 +295,10 @@ class Trainer:
                 with autocast:
                     loss, out = self.ddp(batch, sets, self.sliced)
                 self.scaler.scale(loss / tcfg.grad_accum).backward()
-            micro_logs.append((task.cfg.name, float(loss.detach()), {k: float(v) for k, v in out.metrics.items()},
-                               out.decisions, batch.inputs.batch_size))
+            metrics = {k: float(v) for k, v in out.metrics.items()}
+            if batch.meta.get("skipped"):
+                metrics["skipped_samples"] = float(batch.meta["skipped"])  # unreadable media passed over
+            micro_logs.append((task.cfg.name, float(loss.detach()), metrics, out.decisions, batch.inputs.batch_size))
 
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.unscale_(self.optimizer)
