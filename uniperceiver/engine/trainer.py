@@ -123,7 +123,7 @@ class Trainer:
         self.step_module = TrainStep(self.model)
         if self.world > 1:
             self.ddp: nn.Module = DDP(self.step_module, device_ids=[self.device.index] if device_type == "cuda" else None,
-                                      find_unused_parameters=True, broadcast_buffers=False)
+                                      find_unused_parameters=True)
         else:
             self.ddp = self.step_module
         self.optimizer = build_optimizer(self.model, tcfg.optim)
