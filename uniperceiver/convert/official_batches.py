@@ -10,29 +10,8 @@ from typing import Any
 import torch
 import yaml
 
-from ..modeling.batch import Segment, Sequence, TargetSet, TaskBatch, TaskKind
-
-_KINDS: dict[str, TaskKind] = {
-    "image_classification": "classification",
-    "video_classification": "classification",
-    "text_mlm": "mlm",
-    "image_caption": "caption",
-    "video_caption": "caption",
-    "image_retrieval": "retrieval",
-    "video_retrieval": "retrieval",
-    "text_classification": "text_classification",
-}
-_DEFAULT_TEMPERATURE = {
-    "image_classification": "img_cls",
-    "video_classification": "video_cls",
-    "text_mlm": "text_mlm",
-    "image_caption": "caption",
-    "video_caption": "caption",
-    "image_retrieval": "retrieve",
-    "video_retrieval": "retrieve",
-    "text_classification": "downstream",
-}
-
+from ..config.schema import DEFAULT_TEMPERATURE
+from ..modeling.batch import TASK_KINDS, Segment, Sequence, TargetSet, TaskBatch
 
 @dataclass
 class OfficialTaskSettings:
@@ -116,9 +95,9 @@ def translate_batch(batch: dict[str, Any], settings: OfficialTaskSettings | None
     """One official batch -> a `TaskBatch` (caption eval batches hold the visual prefix only)."""
     info = batch["task_info"]
     task_type = info["task_type"]
-    if task_type not in _KINDS:
+    if task_type not in TASK_KINDS:
         raise ValueError(f"task {info.get('task_name')}: unsupported official task type {task_type!r}")
-    kind = _KINDS[task_type]
+    kind = TASK_KINDS[task_type]
     settings = settings or OfficialTaskSettings(name=info["task_name"])
     inputs = batch["input_sample_list"]
     attributes = _attributes(inputs)
@@ -154,7 +133,7 @@ def translate_batch(batch: dict[str, Any], settings: OfficialTaskSettings | None
     return TaskBatch(
         task=info["task_name"],
         kind=kind,
-        temperature=settings.temperature or _DEFAULT_TEMPERATURE[task_type],
+        temperature=settings.temperature or DEFAULT_TEMPERATURE[task_type],
         inputs=seq,
         labels=labels,
         targets=targets,

@@ -28,21 +28,10 @@ from torch import Tensor
 
 from ..config.schema import TaskConfig
 from ..modeling.attributes import task_attributes
-from ..modeling.batch import Segment, Sequence, TaskBatch, TaskKind
+from ..modeling.batch import TASK_KINDS, Segment, Sequence, TaskBatch
 from ..tokenization import ClipTokenizer
 
 __all__ = ["TASK_KINDS", "TaskCollate", "make_collate", "pad_ids"]
-
-TASK_KINDS: dict[str, TaskKind] = {
-    "image_classification": "classification",
-    "video_classification": "classification",
-    "text_mlm": "mlm",
-    "image_caption": "caption",
-    "video_caption": "caption",
-    "image_retrieval": "retrieval",
-    "video_retrieval": "retrieval",
-    "text_classification": "text_classification",
-}
 
 
 def pad_ids(seqs: Seq[Seq[int]], pad: int = 0) -> tuple[Tensor, Tensor]:

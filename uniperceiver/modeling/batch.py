@@ -157,6 +157,18 @@ class TargetSet:
 
 TaskKind = Literal["classification", "retrieval", "mlm", "caption", "text_classification"]
 
+# How each task type is formulated (the release's TASK_TYPE -> our task kind).
+TASK_KINDS: dict[str, TaskKind] = {
+    "image_classification": "classification",
+    "video_classification": "classification",
+    "text_mlm": "mlm",
+    "image_caption": "caption",
+    "video_caption": "caption",
+    "image_retrieval": "retrieval",
+    "video_retrieval": "retrieval",
+    "text_classification": "text_classification",
+}
+
 
 @dataclass
 class TaskBatch:
