@@ -69,6 +69,7 @@ def beam_search(
     max_len: int = 21,
     len_penalty: float = 0.0,
     record_decisions: bool = False,
+    vocab_token_ids_V: Tensor | None = None,
 ) -> BeamSearchOutput:
     """The release's beam search (CaptionBeamSearcherV3), with cached keys/values.
 
@@ -77,6 +78,10 @@ def beam_search(
     (beam, word) pairs survive (beams that emitted EOT only continue with EOT at +0); the chosen
     word is then encoded at position t and its keys/values join the cache. Finished beams are
     ranked by sum(log p) / (non-EOT words + 1) ** len_penalty.
+
+    `vocab_token_ids_V` gives the token id of each row of `vocab_feats_VD` when it covers a subset
+    of the vocabulary (`TargetSet.token_ids_N`); None means row v is token v. The returned ids are
+    token ids either way.
     """
     b = prefix.batch_size
     enc = model.encode(prefix, keep_kv=True)
@@ -92,6 +97,15 @@ def beam_search(
         modality_ids_S=torch.ones(1, dtype=torch.long, device=device),
     )
     vocab = vocab_feats_VD.shape[0]
+    eot = EOT_ID  # the vocabulary row of <|endoftext|>
+    if vocab_token_ids_V is not None:
+        vocab_token_ids_V = vocab_token_ids_V.to(device).long()
+        if vocab_token_ids_V.shape != (vocab,):
+            raise ValueError(f"vocab_token_ids_V {tuple(vocab_token_ids_V.shape)} does not match {vocab} vocabulary rows")
+        hits = torch.nonzero(vocab_token_ids_V == EOT_ID).flatten()
+        if hits.numel() == 0:
+            raise ValueError(f"the vocabulary subset lacks <|endoftext|> ({EOT_ID}): captions could never end")
+        eot = int(hits[0])
 
     seq_logprob_BK1 = torch.zeros(b, 1, 1, device=device)
     seq_mask_BK1 = torch.ones(b, beam_size, 1, device=device)
@@ -109,12 +123,12 @@ def beam_search(
         candidate_BKV = seq_logprob_BK1 + word_logprob_BKV
         if t > 0:
             # A beam that emitted EOT is frozen: it may only continue with EOT, at +0.
-            alive_BK1 = (selected_words_BK.view(b, cur) != EOT_ID).float().unsqueeze(-1)
+            alive_BK1 = (selected_words_BK.view(b, cur) != eot).float().unsqueeze(-1)
             seq_mask_BK1 = seq_mask_BK1 * alive_BK1
             word_logprob_BKV = word_logprob_BKV * seq_mask_BK1
             old_BKV = seq_logprob_BK1.expand_as(candidate_BKV).contiguous()
-            old_BKV[:, :, :EOT_ID] = -999
-            old_BKV[:, :, EOT_ID + 1 :] = -999
+            old_BKV[:, :, :eot] = -999
+            old_BKV[:, :, eot + 1 :] = -999
             candidate_BKV = seq_mask_BK1 * candidate_BKV + old_BKV * (1 - seq_mask_BK1)
 
         sorted_lp, sorted_idx = torch.sort(candidate_BKV.view(b, -1), -1, descending=True)
@@ -134,16 +148,18 @@ def beam_search(
         log_probs = [torch.gather(o, 1, selected_beam_BK.unsqueeze(-1)) for o in log_probs]
         log_probs.append(this_lp_BK1)
 
-        word = model.decode_step(selected_words_BK.reshape(-1), t, caches, ctx, keep_kv=True)
+        word_ids = selected_words_BK if vocab_token_ids_V is None else vocab_token_ids_V[selected_words_BK]
+        word = model.decode_step(word_ids.reshape(-1), t, caches, ctx, keep_kv=True)
         if record_decisions:
             calls.append(word.decisions)
         caches = _append(caches, word.caches)
 
     ids_BKT = torch.cat(outputs, -1)
     if len_penalty > 0:
-        lengths_BK1 = ids_BKT.ne(EOT_ID).sum(-1, keepdim=True) + 1
+        lengths_BK1 = ids_BKT.ne(eot).sum(-1, keepdim=True) + 1
         seq_logprob_BK1 = seq_logprob_BK1 / lengths_BK1.float() ** len_penalty
     _, order_BK1 = torch.sort(seq_logprob_BK1, 1, descending=True)
     ids_BKT = torch.gather(ids_BKT, 1, order_BK1.expand(b, beam_size, max_len))
     lp_BKT = torch.gather(torch.cat(log_probs, -1), 1, order_BK1.expand(b, beam_size, max_len))
-    return BeamSearchOutput(ids_BKT[:, 0], lp_BKT[:, 0], calls)
+    ids_BT = ids_BKT[:, 0] if vocab_token_ids_V is None else vocab_token_ids_V[ids_BKT[:, 0]]
+    return BeamSearchOutput(ids_BT, lp_BKT[:, 0], calls)

@@ -1,0 +1,212 @@
+"""Caption decoding cost per generated token as captions grow: beam search with the per-layer
+key/value cache (`uniperceiver.tasks.beam_search`) against re-encoding the whole sequence at
+every step, measured in the same run.
+
+    python benchmarks/caption_decoding.py                          # base MoE, 224 px, beam 2
+    python benchmarks/caption_decoding.py --model configs/model/tiny_moe.yaml --image-size 64
+    python benchmarks/caption_decoding.py --lengths 5 10 20 40 --batch 8 --device cuda
+
+For each caption length L (beam search always runs L steps) and mode it times the decode of a
+batch of random images after warm-up and reports the median over repeats of
+ms_per_token = (decode time - prefix encoding time) / L, with min..max. The cached mode should be
+flat in L (each step runs one query and one word token per beam against the cache; only the
+attention over the history grows); the re-encoding mode grows linearly (step t re-runs all
+prefix + t tokens). Before timing, both modes decode the same batch and must give the same ids.
+Vocabulary features are random unit vectors (their encoding, done once per evaluation, is not
+part of decoding). Rows are appended as JSONL to
+benchmarks/results/caption_decoding_<host>_<date>.jsonl with the machine, versions and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from expert_throughput import git_commit, host_kind, machine_info  # noqa: E402  (shared harness bits)
+
+from uniperceiver.config import ModelConfig, from_dict, load_yaml  # noqa: E402
+from uniperceiver.modeling.attributes import task_attributes  # noqa: E402
+from uniperceiver.modeling.batch import Segment, Sequence  # noqa: E402
+from uniperceiver.modeling.model import UniPerceiver  # noqa: E402
+from uniperceiver.tasks.captioning import EOT_ID, SPE_ID, beam_search  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@torch.no_grad()
+def reencode_beam_search(model: UniPerceiver, prefix: Sequence, text_rows: Tensor, vocab_VD: Tensor, *,
+                         beam_size: int, max_len: int, len_penalty: float, temperature: str = "caption") -> Tensor:
+    """The same beam search as `beam_search` (same bookkeeping, EOT freezing and length
+    penalty), but every step re-encodes [SPE + image ; words 0..t-1 ; query] from scratch with a
+    mask that reproduces what the cache holds: the prefix sees itself, word i sees the prefix and
+    words <= i, the query sees everything. Returns the best beam's ids [B, max_len]."""
+    b = prefix.batch_size
+    device = vocab_VD.device
+    pixels = prefix.segments[0]
+    vocab = vocab_VD.shape[0]
+    rows_SA = torch.cat([prefix.attributes_SA.to(device), text_rows.to(device)])
+    prefix_len = 1 + model.embed_sequence(Sequence([Segment(pixels.modality, pixels.data[:1])]))[0].shape[1] - 1
+
+    def query_hidden(img_rows: Tensor, words_XT: Tensor) -> Tensor:
+        x = words_XT.shape[0]
+        t = words_XT.shape[1]
+        ids = torch.cat([words_XT, torch.full((x, 1), SPE_ID, dtype=torch.long, device=device)], 1)
+        seq = Sequence([Segment(pixels.modality, pixels.data[img_rows]), Segment("text", ids)], attributes_SA=rows_SA,
+                       task_id=prefix.task_id)
+        x_BLD, _, lengths = model.embed_sequence(seq)
+        ctx = model.routing_context(seq, lengths)
+        total = prefix_len + t + 1
+        allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
+        allowed[:, :prefix_len] = True
+        allowed[prefix_len:, prefix_len:] = torch.ones(t + 1, t + 1, dtype=torch.bool, device=device).tril()
+        return model.encoder(x_BLD, ctx, allowed[None, None]).hidden_BLD[:, -1]
+
+    seq_logprob_BK1 = torch.zeros(b, 1, 1, device=device)
+    seq_mask_BK1 = torch.ones(b, beam_size, 1, device=device)
+    img_rows = torch.arange(b, device=device)
+    words = torch.zeros(b, 0, dtype=torch.long, device=device)
+    selected_words_BK = None
+    for t in range(max_len):
+        cur = 1 if t == 0 else beam_size
+        logits_XV = model.logits(model.features(query_hidden(img_rows, words)), vocab_VD, temperature)
+        word_logprob_BKV = F.log_softmax(logits_XV.float(), dim=-1).view(b, cur, vocab)
+        candidate_BKV = seq_logprob_BK1 + word_logprob_BKV
+        if t > 0:
+            alive_BK1 = (selected_words_BK.view(b, cur) != EOT_ID).float().unsqueeze(-1)
+            seq_mask_BK1 = seq_mask_BK1 * alive_BK1
+            old_BKV = seq_logprob_BK1.expand_as(candidate_BKV).contiguous()
+            old_BKV[:, :, :EOT_ID] = -999
+            old_BKV[:, :, EOT_ID + 1:] = -999
+            candidate_BKV = seq_mask_BK1 * candidate_BKV + old_BKV * (1 - seq_mask_BK1)
+        sorted_lp, sorted_idx = torch.sort(candidate_BKV.view(b, -1), -1, descending=True)
+        selected_logprob_BK, selected_idx_BK = sorted_lp[:, :beam_size], sorted_idx[:, :beam_size]
+        selected_beam_BK = torch.div(selected_idx_BK, vocab, rounding_mode="floor")
+        selected_words_BK = selected_idx_BK - selected_beam_BK * vocab
+        rows = (torch.arange(b, device=device)[:, None] * cur + selected_beam_BK).reshape(-1)
+        img_rows = img_rows[rows]
+        words = torch.cat([words[rows], selected_words_BK.reshape(-1, 1)], 1)
+        seq_logprob_BK1 = selected_logprob_BK.unsqueeze(-1)
+        seq_mask_BK1 = torch.gather(seq_mask_BK1, 1, selected_beam_BK.unsqueeze(-1))
+    ids_BKT = words.view(b, beam_size, max_len)
+    if len_penalty > 0:
+        lengths_BK1 = ids_BKT.ne(EOT_ID).sum(-1, keepdim=True) + 1
+        seq_logprob_BK1 = seq_logprob_BK1 / lengths_BK1.float() ** len_penalty
+    _, order_BK1 = torch.sort(seq_logprob_BK1, 1, descending=True)
+    return torch.gather(ids_BKT, 1, order_BK1.expand(b, beam_size, max_len))[:, 0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def build(args: argparse.Namespace, device: torch.device):
+    data = load_yaml(args.model)["model"]
+    data.update(drop_path=0.0)
+    if args.image_size:
+        data["image_size"] = args.image_size
+    cfg = from_dict(ModelConfig, data, source=args.model)
+    torch.manual_seed(0)
+    model = UniPerceiver(cfg).to(device).eval()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    rows = task_attributes("image_caption")
+    prefix = Sequence([Segment("image", pixels)], attributes_SA=rows[:1].to(device))
+    vocab = F.normalize(torch.randn(cfg.vocab_size, cfg.d_model, generator=gen), dim=-1).to(device)
+    return model, prefix, rows[1:].to(device), vocab
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=os.path.join(ROOT, "configs/model/base_moe.yaml"))
+    p.add_argument("--image-size", type=int, default=None, help="default: the model config's")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--beam", type=int, default=2)
+    p.add_argument("--len-penalty", type=float, default=2.0)
+    p.add_argument("--lengths", type=int, nargs="+", default=[5, 10, 20, 40])
+    p.add_argument("--modes", nargs="+", default=["cached", "reencode"], choices=["cached", "reencode"])
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    model, prefix, text_rows, vocab = build(args, device)
+
+    def cached(length: int) -> Tensor:
+        return beam_search(model, prefix, text_rows, vocab, beam_size=args.beam, max_len=length,
+                           len_penalty=args.len_penalty).ids_BT
+
+    def reencode(length: int) -> Tensor:
+        return reencode_beam_search(model, prefix, text_rows, vocab, beam_size=args.beam, max_len=length,
+                                    len_penalty=args.len_penalty)
+
+    modes = {"cached": cached, "reencode": reencode}
+    # Same captions from both decoders (the baseline is the same algorithm, not a straw man).
+    check_len = min(args.lengths)
+    same = None
+    if len(args.modes) == 2:
+        same = bool(torch.equal(cached(check_len), reencode(check_len)))
+        print(f"cached == re-encoded ids at L={check_len}: {same}")
+
+    with torch.no_grad():
+        prefix_times = [_time(lambda: model.encode(prefix, keep_kv=True), device) for _ in range(args.warmup + args.repeats)]
+    prefix_s = statistics.median(prefix_times[args.warmup:])
+    info = machine_info(device)
+    stamp = _dt.datetime.now(_dt.timezone.utc)
+    rows = []
+    print(f"{'mode':<9} {'L':>4} {'ms/token':>10} {'min..max':>17}  (prefix {1000 * prefix_s:.1f} ms, batch "
+          f"{args.batch} x beam {args.beam}, {device})")
+    for length in args.lengths:
+        for mode in args.modes:
+            fn = modes[mode]
+            times = [_time(lambda: fn(length), device) for _ in range(args.warmup + args.repeats)][args.warmup:]
+            per_token = [1000 * (t - prefix_s) / length for t in times]
+            row = {
+                "benchmark": "caption_decoding", "mode": mode, "max_len": length,
+                "ms_per_token_median": statistics.median(per_token), "ms_per_token_min": min(per_token),
+                "ms_per_token_max": max(per_token), "tokens_per_s": 1000 * args.batch / statistics.median(per_token),
+                "prefix_ms": 1000 * prefix_s, "batch": args.batch, "beam": args.beam, "len_penalty": args.len_penalty,
+                "model": os.path.relpath(args.model, ROOT), "d_model": model.cfg.d_model,
+                "num_layers": model.cfg.num_layers, "moe": model.cfg.moe.enabled, "image_size": model.cfg.image_size,
+                "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup, "ids_match": same,
+                "machine": info, "commit": git_commit(), "time": stamp.isoformat(timespec="seconds"),
+            }
+            rows.append(row)
+            print(f"{mode:<9} {length:>4} {row['ms_per_token_median']:>10.2f} "
+                  f"{row['ms_per_token_min']:>8.2f}..{row['ms_per_token_max']:<8.2f}")
+    if not args.no_write:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        path = os.path.join(RESULTS_DIR, f"caption_decoding_{host_kind(device)}_{stamp:%Y%m%d}.jsonl")
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        print(f"appended {len(rows)} rows to {path}")
+    return 0 if same in (None, True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
