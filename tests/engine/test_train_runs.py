@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_train, write_tiny_run
+from engine_utils import REPO, read_metrics, run_train, write_tiny_run
 
 
 def _weights(out):

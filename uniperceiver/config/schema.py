@@ -30,6 +30,7 @@ DataFormat = Literal[
     "mlm_corpus",  # plain text, one line per document piece
     "coco_karpathy",  # captions_{train113k,val5k,test5k}.json
     "flickr30k",  # all_data_final_{train,val_set0,test_set0}_2014.jsonline
+    "msvd",  # caption_msvd_{split}_cocostyle.json + videos root/<file_name>
     "glue",  # GLUE-style TSV (sentence[, sentence2], label)
     "jsonl",  # our manifest: one JSON object per line (image|video|text, label|caption(s))
     "demo",  # the embedded offline demo data
@@ -208,6 +209,10 @@ class EvalConfig:
     # Pinned metrics ("task/metric": value) and the allowed absolute miss; a miss exits non-zero.
     expected: dict[str, float] = field(default_factory=dict)
     tolerance: float = 0.01
+    # Caption scorers to run (None = BLEU, METEOR, ROUGE_L, CIDEr and SPICE when its jars exist);
+    # METEOR and the PTB tokenizer start a JVM. spice: None = when available, True = required.
+    caption_metrics: list[Literal["BLEU", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]] | None = None
+    spice: bool | None = None
 
 
 @dataclass

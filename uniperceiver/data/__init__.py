@@ -61,6 +61,7 @@ _ACCEPTS = {  # format -> task types it can feed
     "flickr30k": ("image_caption", "image_retrieval"),
     "mlm_corpus": ("text_mlm",),
     "glue": ("text_classification",),
+    "msvd": ("video_caption", "video_retrieval"),
 }
 
 
@@ -105,6 +106,9 @@ def build_dataset(
         dataset = ds.KineticsDataset(source, build_video_transform(task, model_cfg, training), training,
                                      frames=task.frames, frame_stride=task.frame_stride,
                                      eval_clips=task.eval_clips, data_root=data_root)
+    elif fmt == "msvd":
+        dataset = ds.MsvdDataset(source, build_video_transform(task, model_cfg, training), training,
+                                 frames=task.frames, frame_stride=task.frame_stride, data_root=data_root)
     elif fmt == "coco_karpathy":
         dataset = ds.CocoKarpathyDataset(source, build_image_transform(task, model_cfg, training), training,
                                          data_root)

@@ -442,6 +442,9 @@ def evaluate(
 
     features = TargetFeatures(model, chunk_size=cfg.eval.target_chunk_size, cache_dir=cfg.eval.cache_dir,
                               model_key=model_key, progress=progress and rank == 0)
+    if cfg.eval.caption_metrics is not None and caption_scorers is SCORERS:
+        caption_scorers = tuple(cfg.eval.caption_metrics)
+    spice = cfg.eval.spice if spice is None else spice
     run = _Run(cfg, model, device, tokenizer or ClipTokenizer(), features, build_dataset, make_collate,
                build_target_set, _data_root(cfg), rank, world, progress and rank == 0, verbose,
                tuple(caption_scorers), spice)

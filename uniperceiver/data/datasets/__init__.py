@@ -7,6 +7,7 @@ from .imagenet import ImageNet22kDataset, ImageNetDataset
 from .jsonl import JsonlDataset
 from .kinetics import KineticsDataset, load_video_views
 from .mlm_corpus import MLMCorpusDataset
+from .msvd import MsvdDataset
 
 __all__ = [
     "GLUE_PROMPTS",
@@ -19,6 +20,7 @@ __all__ = [
     "JsonlDataset",
     "KineticsDataset",
     "MLMCorpusDataset",
+    "MsvdDataset",
     "Record",
     "load_video_views",
 ]

@@ -1,4 +1,5 @@
-"""A tiny real training setup: coloured-square images in a JSONL manifest, two tasks."""
+"""A tiny real training setup for the engine tests: coloured-square images in a JSONL manifest,
+two tasks (a helper module with a unique name, so it never collides with other conftest.py files)."""
 import json
 import os
 import socket
@@ -6,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,3 @@ def run_train(args: list[str], timeout: float = 240, nproc: int = 1, **popen) ->
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-
-@pytest.fixture
-def tiny_run(tmp_path):
-    return write_tiny_run(tmp_path)
