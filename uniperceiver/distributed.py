@@ -119,3 +119,11 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: without it, gloo's threads may abort the interpreter at
+    exit ('terminate called without an active exception') and torchrun reports a failure."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = Trainer(cfg).train()
     logging.getLogger("uniperceiver.train").info("done: %s", result)
+    du.shutdown()  # after success only: a failing rank must not wait in a barrier
     return 0
 
 
