@@ -1,28 +1,49 @@
-"""`MoELinear`: a linear layer whose weights are a routed choice among E expert copies.
+"""MoE sublayers: `MoELinear` (one routed linear) and `MoEFFN` (a routed feed-forward block).
 
-Shape legend: B batch, L sequence, I in features, O out features, E experts, K top-k,
+Shape legend: B batch, L sequence, T = B*L tokens, I in features, O out features, D model
+width, F hidden width, E experts (El local ones under expert parallelism), K top-k,
 S segments.
+
+Execution follows the decision type:
+- `SegmentDecision` (attribute / task / modality routers) on linear experts -> merged weights
+  per segment (`moe.merge`): one dense matmul per segment, exactly the release's computation.
+- `TokenDecision` (token / context routers, and whole-FFN experts under any router) -> token
+  dispatch through the configured backend (`moe.backends`).
 
 A sibling sublayer may reuse this layer's decision (the release routes attention-out with the
 qkv decision and fc2 with the fc1 decision): pass the returned decision back in as `decision`.
+Token decisions carry their dispatch plan, so the sibling does not recompute it.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from .backends import resolve_backend, run_dispatched
 from .config import MoEConfig
+from .dispatch import make_plan
+from .experts import ACTIVATIONS, grouped_ffn, grouped_linear
+from .losses import router_losses
 from .merge import merge_expert_weights, segment_linear
-from .routers import RoutingContext, SegmentDecision, build_router
+from .parallel import ExpertParallel, ProcessGroup, gather_experts
+from .routers import RoutingContext, SegmentDecision, TokenDecision, TokenGating, build_router
+from .stats import stats_from_counts
+
+Decision = SegmentDecision | TokenDecision
 
 
 class MoELinear(nn.Module):
     """E copies of nn.Linear(in_features, out_features) and (optionally) the router choosing them.
 
     `has_router=False` builds a layer that always receives a sibling's decision.
+    `ep_group`: shard the experts over this expert-parallel process group (this rank keeps
+    E / group size of them in `weight_EOI`; see `moe.checkpoint` for resharding).
     """
+
+    EXPERT_PARAMS = ("weight_EOI", "bias_EO")
 
     def __init__(
         self,
@@ -32,50 +53,218 @@ class MoELinear(nn.Module):
         cfg: MoEConfig | None = None,
         *,
         has_router: bool = True,
+        ep_group: ProcessGroup | ExpertParallel | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg if cfg is not None else MoEConfig()
         self.in_features = in_features
         self.out_features = out_features
-        num_experts = self.cfg.num_experts
-        self.weight_EOI = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        self.bias_EO = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+        self.expert_parallel = ExpertParallel.from_group(ep_group, self.cfg.num_experts)
+        num_local = self.expert_parallel.num_local
+        self.weight_EOI = nn.Parameter(torch.empty(num_local, out_features, in_features))
+        self.bias_EO = nn.Parameter(torch.empty(num_local, out_features)) if bias else None
         self.router = build_router(in_features, self.cfg) if has_router else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Each expert starts as an independent nn.Linear would.
-        for e in range(self.cfg.num_experts):
+        for e in range(self.weight_EOI.shape[0]):
             nn.init.kaiming_uniform_(self.weight_EOI[e], a=math.sqrt(5))
             if self.bias_EO is not None:
                 bound = 1 / math.sqrt(self.in_features)
                 nn.init.uniform_(self.bias_EO[e], -bound, bound)
 
-    def route(self, ctx: RoutingContext) -> SegmentDecision:
+    # --- routing ------------------------------------------------------------------------------
+
+    def route(self, ctx: RoutingContext, x_BLI: Tensor | None = None) -> Decision:
+        """This layer's routing decision (token routers need the features `x_BLI`)."""
         if self.router is None:
             raise RuntimeError("this MoELinear has no router: pass a sibling's decision")
-        return self.router(ctx)
+        if self.cfg.data_independent:
+            return self.router(ctx)
+        if x_BLI is None:
+            raise ValueError(f"router {self.cfg.router!r} needs the token features x_BLI")
+        gating = self.router(x_BLI, ctx)
+        return token_decision(gating, self.cfg, ctx, x_BLI.shape[0], x_BLI.shape[1], self.training, self.expert_parallel)
+
+    # --- execution ----------------------------------------------------------------------------
 
     def forward(
         self,
         x_BLI: Tensor,
         ctx: RoutingContext,
-        decision: SegmentDecision | None = None,
+        decision: Decision | None = None,
         out_slice: slice | None = None,
-    ) -> tuple[Tensor, SegmentDecision]:
+    ) -> tuple[Tensor, Decision]:
         if decision is None:
-            decision = self.route(ctx)
-        if not self.cfg.data_independent:
-            raise NotImplementedError(f"router {self.cfg.router!r} needs token dispatch")
-        weight_SOI, bias_SO = merge_expert_weights(
-            self.weight_EOI, self.bias_EO, decision.expert_ids_SK, decision.gates_SK
+            decision = self.route(ctx, x_BLI)
+        if isinstance(decision, SegmentDecision):
+            # All experts are needed locally to merge; under EP they are gathered (and the
+            # gradient summed back to the owners).
+            weight_EOI = gather_experts(self.weight_EOI, self.expert_parallel)
+            bias_EO = None if self.bias_EO is None else gather_experts(self.bias_EO, self.expert_parallel)
+            weight_SOI, bias_SO = merge_expert_weights(
+                weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK
+            )
+            y_BLO = segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice)
+            return y_BLO, decision
+        batch, length, _ = x_BLI.shape
+        _check_token_decision(decision, batch, length)
+        expert_fn = partial(_linear_experts, self.weight_EOI, self.bias_EO, out_slice=out_slice)
+        y_TO = run_dispatched(
+            resolve_backend(self.cfg.backend, x_BLI.device),
+            x_BLI.reshape(batch * length, -1),
+            decision.expert_ids_TK,
+            decision.gates_TK,
+            decision.plan,
+            expert_fn,
+            self.expert_parallel,
         )
-        y_BLO = segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice)
-        return y_BLO, decision
+        return y_TO.view(batch, length, -1), decision
 
     def extra_repr(self) -> str:
+        ep = self.expert_parallel
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_experts={self.cfg.num_experts}, top_k={self.cfg.top_k}, "
+            f"num_experts={self.cfg.num_experts}"
+            + (f" ({ep.num_local} local of ep_size {ep.size})" if ep.sharded else "")
+            + f", top_k={self.cfg.top_k}, "
             f"router={self.cfg.router if self.router is not None else 'shared'}"
         )
+
+
+def _linear_experts(weight_EOI, bias_EO, x_MI, counts, out_slice=None):
+    return grouped_linear(x_MI, weight_EOI, bias_EO, counts, out_slice)
+
+
+def _check_token_decision(decision: TokenDecision, batch: int, length: int) -> None:
+    if (decision.batch, decision.length) != (batch, length):
+        raise ValueError(
+            f"a token decision made for ({decision.batch}, {decision.length}) tokens cannot "
+            f"route ({batch}, {length}) tokens"
+        )
+
+
+def token_decision(
+    gating: TokenGating,
+    cfg: MoEConfig,
+    ctx: RoutingContext,
+    batch: int,
+    length: int,
+    training: bool,
+    ep: ExpertParallel,
+    force_dropless: bool = False,
+) -> TokenDecision:
+    """Turn a token gating into an executable decision: plan, losses over real tokens, stats."""
+    valid_T = ctx.valid_tokens_T(batch, length)
+    if valid_T is not None:
+        valid_T = valid_T.to(gating.expert_ids_TK.device)
+    num_real = batch * length if valid_T is None else int(valid_T.sum())
+    capacity = None
+    if not force_dropless and not cfg.dropless:
+        # Expert-parallel ranks agree on the token count that sets capacity, so every rank
+        # budgets the same number of slots per expert (needed by padded backends).
+        capacity = cfg.capacity(ep.max_over_group(num_real), training)
+    priority_T = gating.gates_TK[:, 0].detach() if cfg.batch_prioritized else None
+    plan = make_plan(gating.expert_ids_TK, cfg.num_experts, capacity, valid_T, priority_T)
+    losses = None
+    if gating.logits_TE is not None:
+        logits_TE, top1_T = gating.logits_TE, gating.expert_ids_TK[:, 0]
+        if valid_T is not None:
+            logits_TE, top1_T = logits_TE[valid_T], top1_T[valid_T]
+        losses = router_losses(logits_TE, top1_T)
+    return TokenDecision(
+        expert_ids_TK=gating.expert_ids_TK,
+        gates_TK=gating.gates_TK,
+        logits_TE=gating.logits_TE,
+        plan=plan,
+        batch=batch,
+        length=length,
+        losses=losses,
+        stats=stats_from_counts(plan.routed_E, capacity),
+    )
+
+
+def segment_to_token_decision(
+    decision: SegmentDecision, cfg: MoEConfig, ctx: RoutingContext, batch: int, length: int,
+    ep: ExpertParallel,
+) -> TokenDecision:
+    """Broadcast a segment decision to its tokens and plan a dropless dispatch (exact mixture)."""
+    seg_L = ctx.segment_index_L(length, decision.expert_ids_SK.device)
+    expert_ids_TK = decision.expert_ids_SK[seg_L].repeat(batch, 1)
+    gates_TK = decision.gates_SK[seg_L].repeat(batch, 1)
+    gating = TokenGating(expert_ids_TK, gates_TK, None)
+    token = token_decision(gating, cfg, ctx, batch, length, False, ep, force_dropless=True)
+    token.losses = decision.losses
+    return token
+
+
+class MoEFFN(nn.Module):
+    """A routed feed-forward block: fc1 (D -> F), activation, fc2 (F -> D).
+
+    cfg.expert_type == "linear" (the release): fc1 and fc2 are separate `MoELinear`s sharing one
+    decision; under data-independent routing they are merged, GELU(x W1_bar) W2_bar.
+    cfg.expert_type == "ffn": every expert is a whole FFN and the output is the exact mixture
+    sum_k g_k FFN_{e_k}(x) (for data-independent routers too: their segment decision is
+    broadcast to the tokens and dispatched without drops).
+    Parameters are `fc1.weight_EOI`, `fc1.bias_EO`, `fc1.router.*`, `fc2.weight_EOI`, `fc2.bias_EO`
+    in both modes.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        cfg: MoEConfig | None = None,
+        *,
+        bias: bool = True,
+        activation: str = "gelu",
+        ep_group: ProcessGroup | ExpertParallel | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        self.cfg = cfg if cfg is not None else MoEConfig()
+        self.activation = activation
+        self.fc1 = MoELinear(d_model, d_ff, bias, self.cfg, has_router=True, ep_group=ep_group)
+        self.fc2 = MoELinear(d_ff, d_model, bias, self.cfg, has_router=False, ep_group=ep_group)
+
+    def route(self, ctx: RoutingContext, x_BLD: Tensor | None = None) -> Decision:
+        return self.fc1.route(ctx, x_BLD)
+
+    def forward(
+        self, x_BLD: Tensor, ctx: RoutingContext, decision: Decision | None = None
+    ) -> tuple[Tensor, Decision]:
+        if decision is None:
+            decision = self.route(ctx, x_BLD)
+        if self.cfg.expert_type == "linear":
+            h_BLF, _ = self.fc1(x_BLD, ctx, decision)
+            y_BLD, _ = self.fc2(ACTIVATIONS[self.activation](h_BLF), ctx, decision)
+            return y_BLD, decision
+        batch, length, _ = x_BLD.shape
+        token = decision
+        if isinstance(decision, SegmentDecision):
+            token = segment_to_token_decision(
+                decision, self.cfg, ctx, batch, length, self.fc1.expert_parallel
+            )
+        _check_token_decision(token, batch, length)
+        expert_fn = partial(
+            _ffn_experts, self.fc1.weight_EOI, self.fc1.bias_EO, self.fc2.weight_EOI,
+            self.fc2.bias_EO, activation=self.activation,
+        )
+        y_TD = run_dispatched(
+            resolve_backend(self.cfg.backend, x_BLD.device),
+            x_BLD.reshape(batch * length, -1),
+            token.expert_ids_TK,
+            token.gates_TK,
+            token.plan,
+            expert_fn,
+            self.fc1.expert_parallel,
+        )
+        return y_TD.view(batch, length, -1), decision
+
+
+def _ffn_experts(w1_EFD, b1_EF, w2_EDF, b2_ED, x_MD, counts, activation="gelu"):
+    return grouped_ffn(x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, counts, activation)
+
+

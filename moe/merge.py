@@ -16,21 +16,65 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .memory import empty_like_large
+
+
+class _MergeExperts(torch.autograd.Function):
+    """W_s = sum_k g[s,k] W[e[s,k]] over the leading (expert) dim of `weight_EX`.
+
+    Written by hand because plain indexing (`weight_EX[ids]`) makes autograd zero-fill a full
+    E-sized gradient per gathered expert; here only the chosen experts' gradient rows are
+    written (g * dW_s), the others stay the zeros of a fresh buffer (`moe.memory`), and the gate
+    gradient is one dot product <dW_s, W_e> per chosen expert.
+    """
+
+    @staticmethod
+    def forward(ctx, weight_EX: Tensor, gates_SK: Tensor, ids: list[list[int]]) -> Tensor:
+        gates_SK = gates_SK.to(weight_EX.dtype)
+        out_SX = weight_EX.new_empty((len(ids),) + tuple(weight_EX.shape[1:]))
+        for s, row in enumerate(ids):
+            # Accumulate k in order (g_1 W_1 + g_2 W_2 ...), as the release does.
+            torch.mul(weight_EX[row[0]], gates_SK[s, 0], out=out_SX[s])
+            for k in range(1, len(row)):
+                out_SX[s].addcmul_(weight_EX[row[k]], gates_SK[s, k])
+        ctx.ids = ids
+        ctx.save_for_backward(weight_EX, gates_SK)
+        return out_SX
+
+    @staticmethod
+    def backward(ctx, grad_SX: Tensor):
+        weight_EX, gates_SK = ctx.saved_tensors
+        ids = ctx.ids
+        grad_weight = grad_gates = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = empty_like_large(weight_EX, zero=True)  # unchosen experts: untouched zeros
+            written: set[int] = set()
+            for s, row in enumerate(ids):
+                for k, e in enumerate(row):
+                    if e in written:
+                        grad_weight[e].addcmul_(grad_SX[s], gates_SK[s, k])
+                    else:
+                        torch.mul(grad_SX[s], gates_SK[s, k], out=grad_weight[e])
+                        written.add(e)
+        if ctx.needs_input_grad[1]:
+            grad_gates = torch.stack(
+                [
+                    torch.stack(
+                        [(grad_SX[s].reshape(-1).float() @ weight_EX[e].reshape(-1).float()) for e in row]
+                    )
+                    for s, row in enumerate(ids)
+                ]
+            )
+        return grad_weight, grad_gates, None
+
 
 def merge_expert_weights(
     weight_EOI: Tensor, bias_EO: Tensor | None, expert_ids_SK: Tensor, gates_SK: Tensor
 ) -> tuple[Tensor, Tensor | None]:
     """Per segment s: W_s = sum_k g[s,k] W[e[s,k]] and b_s likewise."""
-    gates_SK = gates_SK.to(weight_EOI.dtype)
-    # Accumulate k in order (g_1 W_1 + g_2 W_2 ...), as the release does.
-    weight_SOI = gates_SK[:, 0, None, None] * weight_EOI[expert_ids_SK[:, 0]]
-    for k in range(1, expert_ids_SK.shape[1]):
-        weight_SOI = weight_SOI + gates_SK[:, k, None, None] * weight_EOI[expert_ids_SK[:, k]]
-    if bias_EO is None:
-        return weight_SOI, None
-    bias_SO = gates_SK[:, 0, None] * bias_EO[expert_ids_SK[:, 0]]
-    for k in range(1, expert_ids_SK.shape[1]):
-        bias_SO = bias_SO + gates_SK[:, k, None] * bias_EO[expert_ids_SK[:, k]]
+    ids = expert_ids_SK.tolist()  # S*K small ints; one host sync per call
+    weight_SOI = _MergeExperts.apply(weight_EOI, gates_SK, ids)
+    bias_SO = None if bias_EO is None else _MergeExperts.apply(bias_EO, gates_SK, ids)
     return weight_SOI, bias_SO
 
 

@@ -6,9 +6,11 @@ Shape legend (suffixes on tensor names):
   E experts, K experts chosen per token or segment (top_k).
 
 Data-independent routers (attribute, task, modality) look only at per-segment ids or attribute
-rows: every token of a segment shares one decision, which `moe.merge` turns into one merged
-linear per segment. Their input travels in a `RoutingContext` built by the caller for each
-forward; nothing is kept in module globals.
+rows: every token of a segment shares one decision (`SegmentDecision`), which `moe.merge` turns
+into one merged linear per segment. Token routers (token, context) look at each token's features
+and return a `TokenGating` that the layer turns into a `TokenDecision` (gating + dispatch plan +
+losses + stats). Router inputs travel in a `RoutingContext` built by the caller for each forward;
+nothing is kept in module globals.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MoEConfig
+from .dispatch import DispatchPlan
+from .losses import RouterLosses, router_losses
+from .stats import RoutingStats
 
 
 @dataclass
@@ -59,15 +64,65 @@ class RoutingContext:
             modality_ids_S=pick(self.modality_ids_S),
         )
 
+    def valid_tokens_T(self, batch: int, length: int) -> Tensor | None:
+        """Flattened (B*L) True-for-real-token mask, or None when nothing is padded."""
+        if self.padding_mask_BL is None:
+            return None
+        if tuple(self.padding_mask_BL.shape) != (batch, length):
+            raise ValueError(
+                f"padding_mask_BL has shape {tuple(self.padding_mask_BL.shape)}, the tokens "
+                f"being routed are ({batch}, {length})"
+            )
+        return ~self.padding_mask_BL.reshape(-1).bool()  # on the mask's device (the caller's)
+
+    def segment_index_L(self, length: int, device: torch.device) -> Tensor:
+        """Segment number of every sequence position (for broadcasting segment decisions)."""
+        if self.segment_starts[-1] >= length and self.num_segments > 1:
+            raise ValueError(f"segment_starts {self.segment_starts} do not fit a sequence of {length}")
+        starts_S = torch.tensor(self.segment_starts, device=device)
+        return torch.bucketize(torch.arange(length, device=device), starts_S, right=True) - 1
+
 
 @dataclass
 class SegmentDecision:
-    """A data-independent routing decision: top-k experts and gate values per segment."""
+    """A data-independent routing decision: top-k experts and gate values per segment.
+
+    `losses` holds the load-balance and z-loss over the S segment rows (weights are the
+    caller's; the release trains without them).
+    """
 
     expert_ids_SK: Tensor
     gates_SK: Tensor  # fp32, sums to 1 over K when K > 1
     logits_SE: Tensor  # the (noisy, in training) router logits
-    aux: dict[str, Tensor] = field(default_factory=dict)
+    losses: RouterLosses | None = None
+
+
+@dataclass
+class TokenGating:
+    """What a token router chose for each of T = B*L tokens (padding included, ignored later)."""
+
+    expert_ids_TK: Tensor
+    gates_TK: Tensor  # fp32
+    logits_TE: Tensor  # fp32, the logits the choice was made on
+
+
+@dataclass
+class TokenDecision:
+    """A per-token routing decision, ready to execute and to be reused by a sibling sublayer.
+
+    `plan` says which token slots each expert computes (built once, reused by qkv -> attn-out and
+    fc1 -> fc2); `losses` are the unweighted auxiliary losses over the real (unpadded) tokens;
+    `stats` the per-expert counts, drop rate and imbalance.
+    """
+
+    expert_ids_TK: Tensor
+    gates_TK: Tensor
+    logits_TE: Tensor | None
+    plan: DispatchPlan
+    batch: int
+    length: int
+    losses: RouterLosses | None = None
+    stats: RoutingStats | None = field(default=None)
 
 
 def topk_gating(logits_XE: Tensor, top_k: int, gate_order: str) -> tuple[Tensor, Tensor]:
@@ -89,6 +144,13 @@ def topk_gating(logits_XE: Tensor, top_k: int, gate_order: str) -> tuple[Tensor,
     return expert_ids_XK, gates_XK
 
 
+def _gaussian_noise(logits_XE: Tensor, cfg: MoEConfig, training: bool) -> Tensor:
+    if training and cfg.noise == "gaussian" and cfg.noise_std > 0:
+        std = cfg.noise_std / cfg.num_experts
+        return logits_XE + torch.randn_like(logits_XE) * std
+    return logits_XE
+
+
 class _SegmentRouter(nn.Module):
     """Shared tail of the data-independent routers: a per-segment embedding h_SD, then
     wg (D -> E, no bias), optional Gaussian logit noise in training, top-k gating."""
@@ -106,12 +168,11 @@ class _SegmentRouter(nn.Module):
         with torch.autocast(device_type=self.wg.weight.device.type, enabled=False):
             h_SD = self.embed(ctx).float()
             logits_SE = F.linear(h_SD, self.wg.weight.float())
-            if self.training and self.cfg.noise == "gaussian" and self.cfg.noise_std > 0:
-                # One draw per segment per forward, shared by all its tokens (the release's "vmoe").
-                std = self.cfg.noise_std / self.cfg.num_experts
-                logits_SE = logits_SE + torch.randn_like(logits_SE) * std
+            # One draw per segment per forward, shared by all its tokens (the release's "vmoe").
+            logits_SE = _gaussian_noise(logits_SE, self.cfg, self.training)
             expert_ids_SK, gates_SK = topk_gating(logits_SE, self.cfg.top_k, self.cfg.gate_order)
-        return SegmentDecision(expert_ids_SK, gates_SK, logits_SE)
+            losses = router_losses(logits_SE, expert_ids_SK[:, 0])
+        return SegmentDecision(expert_ids_SK, gates_SK, logits_SE, losses)
 
 
 class AttributeRouter(_SegmentRouter):
@@ -127,8 +188,8 @@ class AttributeRouter(_SegmentRouter):
     def embed(self, ctx: RoutingContext) -> Tensor:
         if ctx.attributes_SA is None:
             raise ValueError("attribute router needs RoutingContext.attributes_SA")
-        attributes_SA = ctx.attributes_SA.to(self.tag_transform[0].weight.dtype)
-        return self.tag_transform(attributes_SA)
+        weight = self.tag_transform[0].weight
+        return self.tag_transform(ctx.attributes_SA.to(device=weight.device, dtype=weight.dtype))
 
 
 class TaskRouter(_SegmentRouter):
@@ -141,7 +202,7 @@ class TaskRouter(_SegmentRouter):
     def embed(self, ctx: RoutingContext) -> Tensor:
         if ctx.task_ids_S is None:
             raise ValueError("task router needs RoutingContext.task_ids_S")
-        return self.embedding(ctx.task_ids_S)
+        return self.embedding(ctx.task_ids_S.to(self.embedding.weight.device))
 
 
 class ModalityRouter(_SegmentRouter):
@@ -154,7 +215,91 @@ class ModalityRouter(_SegmentRouter):
     def embed(self, ctx: RoutingContext) -> Tensor:
         if ctx.modality_ids_S is None:
             raise ValueError("modality router needs RoutingContext.modality_ids_S")
-        return self.embedding(ctx.modality_ids_S)
+        return self.embedding(ctx.modality_ids_S.to(self.embedding.weight.device))
+
+
+def uniform_expert_ids(num_tokens: int, cfg: MoEConfig, device: torch.device) -> Tensor:
+    """Token t's k-th slot goes to expert (t*K + k) % E: a perfectly balanced assignment."""
+    slots_TK = torch.arange(num_tokens * cfg.top_k, device=device).view(num_tokens, cfg.top_k)
+    return slots_TK % cfg.num_experts
+
+
+def gates_for(logits_TE: Tensor, expert_ids_TK: Tensor, cfg: MoEConfig) -> Tensor:
+    """Gate values of given expert choices, with the same gate_order rules as `topk_gating`."""
+    if cfg.gate_order == "topk_softmax":
+        return torch.softmax(logits_TE.gather(-1, expert_ids_TK), dim=-1)
+    gates_TK = torch.softmax(logits_TE, dim=-1).gather(-1, expert_ids_TK)
+    if cfg.top_k > 1:
+        gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+    return gates_TK
+
+
+class _TokenRouterBase(nn.Module):
+    """Shared tail of the token routers: fp32 logits, noise, top-k (or uniform) gating."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def logits(self, x_BLD: Tensor, ctx: RoutingContext) -> Tensor:
+        raise NotImplementedError
+
+    def _jitter(self, x: Tensor) -> Tensor:
+        if self.training and self.cfg.noise == "jitter" and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        return x
+
+    def forward(self, x_BLD: Tensor, ctx: RoutingContext) -> TokenGating:
+        with torch.autocast(device_type=x_BLD.device.type, enabled=False):
+            logits_TE = self.logits(x_BLD.float(), ctx).reshape(-1, self.cfg.num_experts)
+            logits_TE = _gaussian_noise(logits_TE, self.cfg, self.training)
+            if self.cfg.uniform_routing:
+                expert_ids_TK = uniform_expert_ids(logits_TE.shape[0], self.cfg, logits_TE.device)
+                gates_TK = gates_for(logits_TE, expert_ids_TK, self.cfg)
+            else:
+                expert_ids_TK, gates_TK = topk_gating(logits_TE, self.cfg.top_k, self.cfg.gate_order)
+        return TokenGating(expert_ids_TK, gates_TK, logits_TE)
+
+
+class TokenRouter(_TokenRouterBase):
+    """Gate on each token's own features: logits = wg(x_t) (GShard / Switch)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__(cfg)
+        self.wg = nn.Linear(d_model, cfg.num_experts, bias=False)
+
+    def logits(self, x_BLD: Tensor, ctx: RoutingContext) -> Tensor:
+        return F.linear(self._jitter(x_BLD), self.wg.weight.float())
+
+
+class ContextRouter(_TokenRouterBase):
+    """Gate on concat(x_t, attention-pooled sequence): logits = wg([x_t ; pool(x)]).
+
+    pool(x) = sum_l softmax_l(x_l . q / sqrt(D)) x_l with a learned query q, padding excluded.
+    `wg` is one Linear(2D -> E); it is applied as wg[:, :D] x_t + wg[:, D:] pool(x), which
+    equals the concatenation without materialising it.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__(cfg)
+        self.pool_query = nn.Parameter(torch.zeros(d_model))
+        self.wg = nn.Linear(2 * d_model, cfg.num_experts, bias=False)
+
+    def logits(self, x_BLD: Tensor, ctx: RoutingContext) -> Tensor:
+        x_BLD = self._jitter(x_BLD)
+        batch, length, d_model = x_BLD.shape
+        scores_BL = (x_BLD @ self.pool_query.float()) / d_model**0.5
+        valid_T = ctx.valid_tokens_T(batch, length)
+        if valid_T is not None:
+            valid_T = valid_T.to(x_BLD.device)
+            scores_BL = scores_BL.masked_fill(~valid_T.view(batch, length), float("-inf"))
+        weights_BL = torch.softmax(scores_BL, dim=-1).nan_to_num(0.0)  # all-padding rows -> 0
+        pooled_BD = torch.einsum("bl,bld->bd", weights_BL, x_BLD)
+        wg_ED = self.wg.weight.float()
+        tok_BLE = F.linear(x_BLD, wg_ED[:, :d_model])
+        ctx_BE = F.linear(pooled_BD, wg_ED[:, d_model:])
+        return tok_BLE + ctx_BE[:, None, :]
 
 
 SEGMENT_ROUTERS: dict[str, type[_SegmentRouter]] = {
@@ -162,9 +307,15 @@ SEGMENT_ROUTERS: dict[str, type[_SegmentRouter]] = {
     "task": TaskRouter,
     "modality": ModalityRouter,
 }
+TOKEN_ROUTER_CLASSES: dict[str, type[_TokenRouterBase]] = {
+    "token": TokenRouter,
+    "context": ContextRouter,
+}
 
 
 def build_router(d_model: int, cfg: MoEConfig) -> nn.Module:
     if cfg.router in SEGMENT_ROUTERS:
         return SEGMENT_ROUTERS[cfg.router](d_model, cfg)
-    raise NotImplementedError(f"router {cfg.router!r} is not available yet")
+    if cfg.router in TOKEN_ROUTER_CLASSES:
+        return TOKEN_ROUTER_CLASSES[cfg.router](d_model, cfg)
+    raise ValueError(f"unknown router {cfg.router!r}")

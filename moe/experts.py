@@ -1,0 +1,309 @@
+"""Expert computation on row blocks: rows of expert e are the e-th block of sizes `counts`.
+
+Shape legend: M rows (kept token slots, grouped by expert), I in features, O out features,
+D model width, F hidden width, E experts (local ones under expert parallelism).
+
+Experts are stacked parameters (weight_EOI, bias_EO). `grouped_linear` is a hand-written
+autograd Function: indexing experts one by one under autograd (`weight_EOI[e]`) would allocate a
+full E x O x I zero gradient per expert, and split/unbind would copy every gradient once more
+(cat/stack); on CPU those copies cost as much as the routing itself.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .memory import empty_like_large
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+# d act(h) / dh applied to a gradient: backward of each activation on one block, no graph.
+ACTIVATION_BACKWARDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gelu": lambda grad, h: torch.ops.aten.gelu_backward(grad, h),
+    "relu": lambda grad, h: torch.ops.aten.threshold_backward(grad, h, 0),
+    "silu": lambda grad, h: torch.ops.aten.silu_backward(grad, h),
+}
+
+ExpertFn = Callable[[Tensor, Sequence[int]], Tensor]
+
+
+def _check_counts(counts: Sequence[int], num_experts: int, rows: int) -> list[int]:
+    counts = [int(c) for c in counts]
+    if len(counts) != num_experts or sum(counts) != rows:
+        raise ValueError(f"row blocks {counts} do not fit {rows} rows of {num_experts} experts")
+    return counts
+
+
+def _partition(costs: list[int], parts: int) -> list[list[int]]:
+    """Greedy longest-first split of jobs (by cost) into `parts` groups of similar total cost."""
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for j in sorted(range(len(costs)), key=lambda j: -costs[j]):
+        g = loads.index(min(loads))
+        groups[g].append(j)
+        loads[g] += costs[j]
+    return [g for g in groups if g]
+
+
+def _run_expert_jobs(jobs: list[Callable[[], None]], costs: list[int], on_cpu: bool) -> None:
+    """Run one job per expert; on a multi-threaded CPU, run experts side by side instead.
+
+    A matmul on a block of a few hundred rows scales poorly over threads (the threads split an
+    already small problem and synchronise per call), while experts are independent: giving each
+    of the n intra-op threads its own experts, each computed single-threaded, recovers the dense
+    layer's efficiency. The thread setting is restored before returning. MOE_EXPERT_THREADS=0
+    turns this off (e.g. when the caller runs other CPU work concurrently).
+    """
+    threads = torch.get_num_threads() if on_cpu else 1
+    if (
+        threads <= 1
+        or len(jobs) < 2
+        or sum(costs) < _PARALLEL_MIN_COST
+        or os.environ.get("MOE_EXPERT_THREADS", "1") == "0"
+    ):
+        for job in jobs:
+            job()
+        return
+    groups = _partition(costs, min(threads, len(jobs)))
+
+    def run(group: list[int]) -> None:
+        torch.set_num_threads(1)
+        with torch.no_grad():  # grad mode is per thread; these are autograd Function internals
+            for j in group:
+                jobs[j]()
+
+    try:
+        with ThreadPoolExecutor(max_workers=len(groups) - 1) as pool:
+            futures = [pool.submit(run, g) for g in groups[1:]]
+            try:
+                run(groups[0])
+            finally:
+                for f in futures:
+                    f.exception()  # wait for all before re-raising anything
+            for f in futures:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
+_PARALLEL_MIN_COST = 1 << 24  # multiply-adds below which threading experts is not worth it
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[block e] = x[block e] W_e^T + b_e, forward and backward written block by block.
+
+    Every output and every gradient is ONE allocation that the per-expert matmuls write into
+    (`out=` row blocks / expert slices): no per-expert temporaries, no cat/stack copies, and
+    the E x O x I weight gradient is written exactly once. Experts with no rows get zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, x_MI: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, counts: list[int]) -> Tensor:
+        y_MO = x_MI.new_empty(x_MI.shape[0], weight_EOI.shape[1])
+        starts = _starts(counts)
+        out_in = weight_EOI.shape[1] * weight_EOI.shape[2]
+
+        def job(e: int) -> Callable[[], None]:
+            rows = slice(starts[e], starts[e] + counts[e])
+            if bias_EO is None:
+                return lambda: torch.mm(x_MI[rows], weight_EOI[e].t(), out=y_MO[rows])
+            return lambda: torch.addmm(bias_EO[e], x_MI[rows], weight_EOI[e].t(), out=y_MO[rows])
+
+        active = [e for e, c in enumerate(counts) if c]
+        _run_expert_jobs([job(e) for e in active], [counts[e] * out_in for e in active], x_MI.device.type == "cpu")
+        ctx.counts, ctx.has_bias = counts, bias_EO is not None
+        ctx.save_for_backward(x_MI, weight_EOI)
+        return y_MO
+
+    @staticmethod
+    def backward(ctx, grad_MO: Tensor):
+        x_MI, weight_EOI = ctx.saved_tensors
+        grad_MO = grad_MO.contiguous()
+        counts = ctx.counts
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = x_MI.new_empty(x_MI.shape) if need_x else None
+        grad_w = empty_like_large(weight_EOI, zero=0 in counts) if need_w else None
+        grad_b = weight_EOI.new_empty(weight_EOI.shape[:2]) if need_b and ctx.has_bias else None
+        starts = _starts(counts)
+
+        def job(e: int) -> Callable[[], None]:
+            rows = slice(starts[e], starts[e] + counts[e])
+
+            def run() -> None:
+                if counts[e] == 0:  # grad_w was allocated zeroed
+                    if grad_b is not None:
+                        grad_b[e].zero_()
+                    return
+                g_cO = grad_MO[rows]
+                if grad_x is not None:
+                    torch.mm(g_cO, weight_EOI[e], out=grad_x[rows])
+                if grad_w is not None:
+                    torch.mm(g_cO.t(), x_MI[rows], out=grad_w[e])
+                if grad_b is not None:
+                    torch.sum(g_cO, dim=0, out=grad_b[e])
+
+            return run
+
+        out_in = weight_EOI.shape[1] * weight_EOI.shape[2]
+        costs = [max(c, 1) * out_in * 2 for c in counts]
+        _run_expert_jobs([job(e) for e in range(len(counts))], costs, x_MI.device.type == "cpu")
+        return grad_x, grad_w, grad_b, None
+
+
+def _starts(counts: list[int]) -> list[int]:
+    starts, acc = [], 0
+    for c in counts:
+        starts.append(acc)
+        acc += c
+    return starts
+
+
+def grouped_linear(
+    x_MI: Tensor,
+    weight_EOI: Tensor,
+    bias_EO: Tensor | None,
+    counts: Sequence[int],
+    out_slice: slice | None = None,
+) -> Tensor:
+    """y[block e] = x[block e] W_e^T + b_e (only output rows `out_slice` when given)."""
+    if out_slice is not None:
+        weight_EOI = weight_EOI[:, out_slice]
+        bias_EO = None if bias_EO is None else bias_EO[:, out_slice]
+    counts = _check_counts(counts, weight_EOI.shape[0], x_MI.shape[0])
+    device_type = x_MI.device.type
+    # Under autocast, compute in the autocast dtype as F.linear would; otherwise dtypes must match.
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_MI.dtype
+    x_MI, weight_EOI = x_MI.to(dtype), weight_EOI.to(dtype)
+    bias_EO = None if bias_EO is None else bias_EO.to(dtype)
+    with torch.autocast(device_type=x_MI.device.type, enabled=False):
+        return _GroupedLinear.apply(x_MI.contiguous(), weight_EOI, bias_EO, counts)
+
+
+class _GroupedFFN(torch.autograd.Function):
+    """Whole-FFN experts, block by block: fc1, activation, fc2 for one expert's rows at a time.
+
+    The activation runs on a block right after fc1 produced it (still in cache), instead of one
+    pass over the whole M x F activation from memory; the activated block is a small temporary
+    recomputed in backward, so only the pre-activation h_MF is kept (the dense FFN keeps h and
+    act(h)). Gradients are written in place as in `_GroupedLinear`.
+    """
+
+    @staticmethod
+    def forward(ctx, x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, counts, activation):
+        act = ACTIVATIONS[activation]
+        num_rows, d_ff = x_MD.shape[0], w1_EFD.shape[1]
+        h_MF = x_MD.new_empty(num_rows, d_ff)
+        y_MD = x_MD.new_empty(num_rows, w2_EDF.shape[1])
+        starts = _starts(counts)
+
+        def job(e: int) -> Callable[[], None]:
+            rows = slice(starts[e], starts[e] + counts[e])
+
+            def run() -> None:
+                h = _linear_into(x_MD[rows], w1_EFD[e], None if b1_EF is None else b1_EF[e], h_MF[rows])
+                _linear_into(act(h), w2_EDF[e], None if b2_ED is None else b2_ED[e], y_MD[rows])
+
+            return run
+
+        active = [e for e, c in enumerate(counts) if c]
+        cost = 2 * d_ff * x_MD.shape[1]
+        _run_expert_jobs([job(e) for e in active], [counts[e] * cost for e in active], x_MD.device.type == "cpu")
+        ctx.counts, ctx.activation = counts, activation
+        ctx.has_bias = (b1_EF is not None, b2_ED is not None)
+        ctx.save_for_backward(x_MD, w1_EFD, w2_EDF, h_MF)
+        return y_MD
+
+    @staticmethod
+    def backward(ctx, grad_MD):
+        x_MD, w1_EFD, w2_EDF, h_MF = ctx.saved_tensors
+        grad_MD = grad_MD.contiguous()
+        counts = ctx.counts
+        act, act_backward = ACTIVATIONS[ctx.activation], ACTIVATION_BACKWARDS[ctx.activation]
+        need = ctx.needs_input_grad
+        grad_x = x_MD.new_empty(x_MD.shape) if need[0] else None
+        grad_w1 = empty_like_large(w1_EFD, zero=0 in counts) if need[1] else None
+        grad_b1 = w1_EFD.new_empty(w1_EFD.shape[:2]) if need[2] and ctx.has_bias[0] else None
+        grad_w2 = empty_like_large(w2_EDF, zero=0 in counts) if need[3] else None
+        grad_b2 = w2_EDF.new_empty(w2_EDF.shape[:2]) if need[4] and ctx.has_bias[1] else None
+        starts = _starts(counts)
+
+        def job(e: int) -> Callable[[], None]:
+            rows = slice(starts[e], starts[e] + counts[e])
+
+            def run() -> None:
+                if counts[e] == 0:  # the weight gradients were allocated zeroed
+                    for g in (grad_b1, grad_b2):
+                        if g is not None:
+                            g[e].zero_()
+                    return
+                g_y, h = grad_MD[rows], h_MF[rows]
+                if grad_w2 is not None:
+                    torch.mm(g_y.t(), act(h), out=grad_w2[e])  # act(h) recomputed, in cache
+                if grad_b2 is not None:
+                    torch.sum(g_y, dim=0, out=grad_b2[e])
+                g_h = act_backward(torch.mm(g_y, w2_EDF[e]), h)
+                if grad_x is not None:
+                    torch.mm(g_h, w1_EFD[e], out=grad_x[rows])
+                if grad_w1 is not None:
+                    torch.mm(g_h.t(), x_MD[rows], out=grad_w1[e])
+                if grad_b1 is not None:
+                    torch.sum(g_h, dim=0, out=grad_b1[e])
+
+            return run
+
+        cost = 4 * w1_EFD.shape[1] * x_MD.shape[1]
+        _run_expert_jobs([job(e) for e in range(len(counts))], [max(c, 1) * cost for c in counts],
+                         x_MD.device.type == "cpu")
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def _linear_into(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
+
+
+def grouped_ffn(
+    x_MD: Tensor,
+    w1_EFD: Tensor,
+    b1_EF: Tensor | None,
+    w2_EDF: Tensor,
+    b2_ED: Tensor | None,
+    counts: Sequence[int],
+    activation: str = "gelu",
+) -> Tensor:
+    """y[block e] = act(x[block e] W1_e^T + b1_e) W2_e^T + b2_e: whole-FFN experts."""
+    counts = _check_counts(counts, w1_EFD.shape[0], x_MD.shape[0])
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    device_type = x_MD.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_MD.dtype
+    tensors = [t if t is None else t.to(dtype) for t in (x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED)]
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _GroupedFFN.apply(tensors[0].contiguous(), *tensors[1:], counts, activation)
+
+
+def loop_reference(
+    x_TI: Tensor, expert_ids_TK: Tensor, gates_TK: Tensor, expert_fns: Sequence[Callable[[Tensor], Tensor]]
+) -> Tensor:
+    """The slow, obviously-correct mixture: for each token, sum_k g_k expert_{e_k}(x_t).
+
+    No capacity. Used by the tests as the reference for every fast path.
+    """
+    rows = []
+    for t in range(x_TI.shape[0]):
+        acc = None
+        for k in range(expert_ids_TK.shape[1]):
+            y = gates_TK[t, k].to(x_TI.dtype) * expert_fns[int(expert_ids_TK[t, k])](x_TI[t : t + 1])
+            acc = y if acc is None else acc + y
+        rows.append(acc)
+    return torch.cat(rows)
