@@ -172,7 +172,8 @@ def token_decision(
         logits_TE, top1_T = gating.logits_TE, gating.expert_ids_TK[:, 0]
         if valid_T is not None:
             logits_TE, top1_T = logits_TE[valid_T], top1_T[valid_T]
-        losses = router_losses(logits_TE, top1_T)
+        # Aux losses only feed a backward pass: skip them (and their host syncs) in inference.
+        losses = router_losses(logits_TE, top1_T) if torch.is_grad_enabled() else None
     return TokenDecision(
         expert_ids_TK=gating.expert_ids_TK,
         gates_TK=gating.gates_TK,

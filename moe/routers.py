@@ -171,7 +171,8 @@ class _SegmentRouter(nn.Module):
             # One draw per segment per forward, shared by all its tokens (the release's "vmoe").
             logits_SE = _gaussian_noise(logits_SE, self.cfg, self.training)
             expert_ids_SK, gates_SK = topk_gating(logits_SE, self.cfg.top_k, self.cfg.gate_order)
-            losses = router_losses(logits_SE, expert_ids_SK[:, 0])
+            # Aux losses only feed a backward pass: skip them (and their host syncs) in inference.
+            losses = router_losses(logits_SE, expert_ids_SK[:, 0]) if torch.is_grad_enabled() else None
         return SegmentDecision(expert_ids_SK, gates_SK, logits_SE, losses)
 
 

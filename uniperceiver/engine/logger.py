@@ -22,19 +22,28 @@ log = logging.getLogger("uniperceiver.train")
 
 
 def moe_stats(decisions: list) -> dict[str, float]:
-    """Per routed sublayer: share of gate mass per expert and the mean gate entropy."""
+    """Per routed sublayer: share of gate mass per expert, mean gate entropy, and for token
+    routing the drop rate and imbalance of its dispatch."""
     stats: dict[str, float] = {}
     for name, decision in decisions:
-        ids, gates = decision.expert_ids_SK.detach().cpu(), decision.gates_SK.detach().float().cpu()
-        logits = getattr(decision, "logits_SE", None)
+        ids = getattr(decision, "expert_ids_SK", None)
+        if ids is None:  # token / context routing
+            ids, gates, logits = decision.expert_ids_TK, decision.gates_TK, getattr(decision, "logits_TE", None)
+        else:
+            gates, logits = decision.gates_SK, decision.logits_SE
+        ids, gates = ids.detach().cpu().reshape(-1), gates.detach().float().cpu().reshape(-1)
         num_experts = logits.shape[-1] if logits is not None else int(ids.max()) + 1
-        load = torch.zeros(num_experts).index_add_(0, ids.reshape(-1), gates.reshape(-1))
+        load = torch.zeros(num_experts).index_add_(0, ids, gates)
         load = load / load.sum().clamp_min(1e-9)
         for e, v in enumerate(load.tolist()):
             stats[f"moe/{name}/expert_{e}"] = v
         if logits is not None:
             p = torch.softmax(logits.detach().float().cpu(), -1)
             stats[f"moe/{name}/gate_entropy"] = float(-(p * p.clamp_min(1e-9).log()).sum(-1).mean())
+        routing = getattr(decision, "stats", None)
+        if routing is not None:
+            stats[f"moe/{name}/drop_rate"] = routing.drop_rate
+            stats[f"moe/{name}/imbalance"] = routing.imbalance
     return stats
 
 

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moe.losses import weighted_aux_loss
+
 from .. import distributed as du
 from ..config import RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
 from ..data import build_dataset, build_mixup, build_target_set, make_collate
@@ -73,6 +75,12 @@ class TrainStep(nn.Module):
     def forward(self, batch: TaskBatch, target_sets: dict[str, TargetSet], sliced: set[str]) -> tuple[Tensor, TaskOutput]:
         feats = {name: encode_target_set(self.model, ts, name in sliced) for name, ts in target_sets.items()}
         out = run_task(self.model, batch, feats)
+        routing = self.model.cfg.moe.routing
+        if routing.load_balance_weight or routing.z_loss_weight:
+            # Router aux losses come back with the decisions (never from module globals).
+            aux = weighted_aux_loss((d for _, d in out.decisions), routing.load_balance_weight, routing.z_loss_weight)
+            if aux is not None:
+                out.losses["moe_aux"] = aux
         loss = out.loss
         # Keep every encoded set in the graph (0 x its sum): the all-gather's backward is a
         # collective every rank must join, whether or not its task used that set.

@@ -119,6 +119,7 @@ class UniPerceiver(nn.Module):
         """Run `[SPE] + segments` through the shared encoder -> hidden states [B, L, D]."""
         x_BLD, pad_BL, lengths = self.embed_sequence(seq, temporal_offsets)
         ctx = self.routing_context(seq, lengths)
+        ctx.padding_mask_BL = pad_BL  # token/context routers neither route nor count padding
         allowed = self.attention_mask(seq, pad_BL, lengths)
         return self.encoder(x_BLD, ctx, allowed, keep_kv=keep_kv)
 
