@@ -102,3 +102,22 @@ def test_every_router_trains_and_decodes_through_the_model(router):
         res = beam_search(model, prefix, rows[1:], model.encode_targets(vocab), max_len=3,
                           vocab_token_ids_V=torch.tensor([320, 786, 1237, 49407]))
     assert res.ids_BT.shape == (2, 3)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=4, d_ffn=64, image_size=32, layer_scale_init=1.0,
+                      drop_path=0.1, moe=ModelMoEConfig(enabled=True))
+    model = UniPerceiver(cfg).train()
+    seq = _seq()
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.encoder.activation_checkpointing = checkpointing
+        torch.manual_seed(1)  # same drop-path and gate-noise draws in both runs
+        out = model.encode(seq, temporal_offsets=[0]).hidden_BLD
+        out.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
