@@ -140,6 +140,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device_type, init_scale=2.0**13, growth_interval=200,
                                            enabled=tcfg.amp == "fp16")
         self.step = 0
+        self.stream_starts = [0] * len(self.tasks)  # batches each task stream has already served
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
@@ -255,8 +256,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, self.output_dir / "config.yaml")
         self.resume()
-        consumed = self.sampler.counts_before(self.step * tcfg.grad_accum)
-        self._starts = consumed
+        # Where each task's sample stream resumes: replay this rank's task draws up to the step.
+        self.stream_starts = self.sampler.counts_before(self.step * tcfg.grad_accum)
         self._install_signal_handlers()
         self.model.train()
         result: dict[str, Any] = {"preempted": False}
@@ -285,7 +286,7 @@ class Trainer:
             global_micro = self.step * tcfg.grad_accum + micro
             task_idx = self.sampler.task_at(global_micro)
             task = self.tasks[task_idx]
-            batch = self._next_batch(task_idx, self._starts[task_idx])
+            batch = self._next_batch(task_idx, self.stream_starts[task_idx])
             if task.mixup is not None:
                 batch = task.mixup(batch, seed=mix_seed(self.cfg.seed, 0x313C, self.rank, global_micro))
             batch = batch.to(self.device)
