@@ -70,3 +70,11 @@ def test_checkpoints_keep_last_and_skip_corrupt(tmp_path, caplog):
     state, path = load_latest_checkpoint(tmp_path)
     assert state["step"] == 2 and path.name == "step_00000002.pt"
     assert "step_00000003.pt" in caplog.text and "truncated or corrupt" in caplog.text
+
+
+def test_fp16_loss_scale_recovers_faster_late_in_training():
+    from uniperceiver.engine.trainer import loss_scale_growth_interval
+
+    assert loss_scale_growth_interval(100, 1024.0) == 200  # early: the normal window
+    assert loss_scale_growth_interval(6000, 1024.0) == 5  # late and small: recover quickly
+    assert loss_scale_growth_interval(6000, 4096.0) == 200

@@ -45,6 +45,17 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# fp16 loss scaling as the release (utils/misc.NativeScalerWithGradNormCount): start at 2^13 and
+# grow after 200 clean steps; past iteration 5000, while the scale is below 2048, grow after 5.
+LOSS_SCALE_INIT, LOSS_SCALE_WINDOW = 2.0**13, 200
+LOSS_SCALE_RECOVERY = (5000, 2048.0, 5)  # (after step, below scale, growth interval)
+
+
+def loss_scale_growth_interval(step: int, scale: float) -> int:
+    after, below, interval = LOSS_SCALE_RECOVERY
+    return interval if step > after and scale < below else LOSS_SCALE_WINDOW
+
+
 def encode_target_set(model: UniPerceiver, target_set: TargetSet, sliced: bool) -> Tensor:
     """Features [N, D] of a target set. `sliced`: each rank encodes ceil(N/world) entries
     (padded with copies of entry 0) and the slices are joined with a differentiable all-gather,
@@ -137,7 +148,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tcfg.optim)
         self.scheduler = build_scheduler(self.optimizer, tcfg.optim, tcfg.max_steps)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp)
-        self.scaler = torch.amp.GradScaler(device_type, init_scale=2.0**13, growth_interval=200,
+        self.scaler = torch.amp.GradScaler(device_type, init_scale=LOSS_SCALE_INIT, growth_interval=LOSS_SCALE_WINDOW,
                                            enabled=tcfg.amp == "fp16")
         self.step = 0
         self.stream_starts = [0] * len(self.tasks)  # batches each task stream has already served
@@ -318,6 +329,7 @@ class Trainer:
         if tcfg.amp == "fp16":
             self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
             self.scaler.update()
+            self.scaler.set_growth_interval(loss_scale_growth_interval(self.step, self.scaler.get_scale()))
         elif finite:
             self.optimizer.step()
         self.scheduler.step()
