@@ -39,7 +39,7 @@ from uniperceiver.config import ModelConfig, from_dict, load_yaml  # noqa: E402
 from uniperceiver.modeling.attributes import task_attributes  # noqa: E402
 from uniperceiver.modeling.batch import Segment, Sequence  # noqa: E402
 from uniperceiver.modeling.model import UniPerceiver  # noqa: E402
-from uniperceiver.tasks.captioning import EOT_ID, SPE_ID, beam_search  # noqa: E402
+from uniperceiver.tasks.captioning import EOT_ID, SPE_ID, beam_search, beam_select, rank_beams  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -81,28 +81,14 @@ def reencode_beam_search(model: UniPerceiver, prefix: Sequence, text_rows: Tenso
         cur = 1 if t == 0 else beam_size
         logits_XV = model.logits(model.features(query_hidden(img_rows, words)), vocab_VD, temperature)
         word_logprob_BKV = F.log_softmax(logits_XV.float(), dim=-1).view(b, cur, vocab)
-        candidate_BKV = seq_logprob_BK1 + word_logprob_BKV
-        if t > 0:
-            alive_BK1 = (selected_words_BK.view(b, cur) != EOT_ID).float().unsqueeze(-1)
-            seq_mask_BK1 = seq_mask_BK1 * alive_BK1
-            old_BKV = seq_logprob_BK1.expand_as(candidate_BKV).contiguous()
-            old_BKV[:, :, :EOT_ID] = -999
-            old_BKV[:, :, EOT_ID + 1:] = -999
-            candidate_BKV = seq_mask_BK1 * candidate_BKV + old_BKV * (1 - seq_mask_BK1)
-        sorted_lp, sorted_idx = torch.sort(candidate_BKV.view(b, -1), -1, descending=True)
-        selected_logprob_BK, selected_idx_BK = sorted_lp[:, :beam_size], sorted_idx[:, :beam_size]
-        selected_beam_BK = torch.div(selected_idx_BK, vocab, rounding_mode="floor")
-        selected_words_BK = selected_idx_BK - selected_beam_BK * vocab
+        selected_beam_BK, selected_words_BK, selected_logprob_BK, seq_mask_BK1, _ = beam_select(
+            seq_logprob_BK1, seq_mask_BK1, word_logprob_BKV, selected_words_BK, beam_size, EOT_ID)
         rows = (torch.arange(b, device=device)[:, None] * cur + selected_beam_BK).reshape(-1)
         img_rows = img_rows[rows]
         words = torch.cat([words[rows], selected_words_BK.reshape(-1, 1)], 1)
         seq_logprob_BK1 = selected_logprob_BK.unsqueeze(-1)
-        seq_mask_BK1 = torch.gather(seq_mask_BK1, 1, selected_beam_BK.unsqueeze(-1))
     ids_BKT = words.view(b, beam_size, max_len)
-    if len_penalty > 0:
-        lengths_BK1 = ids_BKT.ne(EOT_ID).sum(-1, keepdim=True) + 1
-        seq_logprob_BK1 = seq_logprob_BK1 / lengths_BK1.float() ** len_penalty
-    _, order_BK1 = torch.sort(seq_logprob_BK1, 1, descending=True)
+    order_BK1 = rank_beams(ids_BKT, seq_logprob_BK1, len_penalty, EOT_ID)
     return torch.gather(ids_BKT, 1, order_BK1.expand(b, beam_size, max_len))[:, 0]
 
 

@@ -42,6 +42,46 @@ def caption_loss(
     return out
 
 
+def beam_select(
+    seq_logprob_BK1: Tensor,
+    seq_mask_BK1: Tensor,
+    word_logprob_BKV: Tensor,
+    previous_words_BK: Tensor | None,
+    beam_size: int,
+    eot: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One beam step of the release's searcher over the current K beams (K = 1 at the first step).
+
+    A beam whose previous word was EOT is frozen: it may only continue with EOT, at +0. Returns the
+    surviving (beam, word) pairs and their summed log-probs, the alive mask reordered to them, and
+    the word log-probs with frozen beams zeroed (what the release reports per token).
+    """
+    b, cur, vocab = word_logprob_BKV.shape
+    candidate_BKV = seq_logprob_BK1 + word_logprob_BKV
+    if previous_words_BK is not None:
+        alive_BK1 = (previous_words_BK.view(b, cur) != eot).float().unsqueeze(-1)
+        seq_mask_BK1 = seq_mask_BK1 * alive_BK1
+        word_logprob_BKV = word_logprob_BKV * seq_mask_BK1
+        old_BKV = seq_logprob_BK1.expand_as(candidate_BKV).contiguous()
+        old_BKV[:, :, :eot] = -999
+        old_BKV[:, :, eot + 1 :] = -999
+        candidate_BKV = seq_mask_BK1 * candidate_BKV + old_BKV * (1 - seq_mask_BK1)
+    sorted_lp, sorted_idx = torch.sort(candidate_BKV.view(b, -1), -1, descending=True)
+    selected_logprob_BK, selected_idx_BK = sorted_lp[:, :beam_size], sorted_idx[:, :beam_size]
+    selected_beam_BK = torch.div(selected_idx_BK, vocab, rounding_mode="floor")
+    selected_words_BK = selected_idx_BK - selected_beam_BK * vocab
+    seq_mask_BK1 = torch.gather(seq_mask_BK1, 1, selected_beam_BK.unsqueeze(-1))
+    return selected_beam_BK, selected_words_BK, selected_logprob_BK, seq_mask_BK1, word_logprob_BKV
+
+
+def rank_beams(ids_BKT: Tensor, seq_logprob_BK1: Tensor, len_penalty: float, eot: int) -> Tensor:
+    """Beam order [B, K, 1] by sum(log p) / (non-EOT words + 1) ** len_penalty, best first."""
+    if len_penalty > 0:
+        lengths_BK1 = ids_BKT.ne(eot).sum(-1, keepdim=True) + 1
+        seq_logprob_BK1 = seq_logprob_BK1 / lengths_BK1.float() ** len_penalty
+    return torch.sort(seq_logprob_BK1, 1, descending=True)[1]
+
+
 @dataclass
 class BeamSearchOutput:
     ids_BT: Tensor  # best beam's words (EOT-padded after the end)
@@ -120,27 +160,13 @@ def beam_search(
             calls.append(step.decisions)
         logits_XV = model.logits(model.features(step.hidden_BLD[:, 0]), vocab_feats_VD, temperature)
         word_logprob_BKV = F.log_softmax(logits_XV.float(), dim=-1).view(b, cur, vocab)
-        candidate_BKV = seq_logprob_BK1 + word_logprob_BKV
-        if t > 0:
-            # A beam that emitted EOT is frozen: it may only continue with EOT, at +0.
-            alive_BK1 = (selected_words_BK.view(b, cur) != eot).float().unsqueeze(-1)
-            seq_mask_BK1 = seq_mask_BK1 * alive_BK1
-            word_logprob_BKV = word_logprob_BKV * seq_mask_BK1
-            old_BKV = seq_logprob_BK1.expand_as(candidate_BKV).contiguous()
-            old_BKV[:, :, :eot] = -999
-            old_BKV[:, :, eot + 1 :] = -999
-            candidate_BKV = seq_mask_BK1 * candidate_BKV + old_BKV * (1 - seq_mask_BK1)
-
-        sorted_lp, sorted_idx = torch.sort(candidate_BKV.view(b, -1), -1, descending=True)
-        selected_logprob_BK, selected_idx_BK = sorted_lp[:, :beam_size], sorted_idx[:, :beam_size]
-        selected_beam_BK = torch.div(selected_idx_BK, vocab, rounding_mode="floor")
-        selected_words_BK = selected_idx_BK - selected_beam_BK * vocab
+        selected_beam_BK, selected_words_BK, selected_logprob_BK, seq_mask_BK1, word_logprob_BKV = beam_select(
+            seq_logprob_BK1, seq_mask_BK1, word_logprob_BKV, selected_words_BK, beam_size, eot)
 
         # Reorder the cache rows (b * cur) to the surviving beams (b * beam_size).
         rows = (torch.arange(b, device=device)[:, None] * cur + selected_beam_BK).reshape(-1)
         caches = [c.select(rows) for c in caches]
         seq_logprob_BK1 = selected_logprob_BK.unsqueeze(-1)
-        seq_mask_BK1 = torch.gather(seq_mask_BK1, 1, selected_beam_BK.unsqueeze(-1))
         outputs = [torch.gather(o, 1, selected_beam_BK.unsqueeze(-1)) for o in outputs]
         outputs.append(selected_words_BK.unsqueeze(-1))
         this_lp_BKV = torch.gather(word_logprob_BKV, 1, selected_beam_BK.unsqueeze(-1).expand(b, beam_size, vocab))
@@ -155,10 +181,7 @@ def beam_search(
         caches = _append(caches, word.caches)
 
     ids_BKT = torch.cat(outputs, -1)
-    if len_penalty > 0:
-        lengths_BK1 = ids_BKT.ne(eot).sum(-1, keepdim=True) + 1
-        seq_logprob_BK1 = seq_logprob_BK1 / lengths_BK1.float() ** len_penalty
-    _, order_BK1 = torch.sort(seq_logprob_BK1, 1, descending=True)
+    order_BK1 = rank_beams(ids_BKT, seq_logprob_BK1, len_penalty, eot)
     ids_BKT = torch.gather(ids_BKT, 1, order_BK1.expand(b, beam_size, max_len))
     lp_BKT = torch.gather(torch.cat(log_probs, -1), 1, order_BK1.expand(b, beam_size, max_len))
     ids_BT = ids_BKT[:, 0] if vocab_token_ids_V is None else vocab_token_ids_V[ids_BKT[:, 0]]
