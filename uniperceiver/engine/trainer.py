@@ -66,8 +66,8 @@ def encode_target_set(model: UniPerceiver, target_set: TargetSet, sliced: bool) 
     n = len(target_set)
     per_rank = math.ceil(n / world)
     start = du.rank() * per_rank
-    index = torch.arange(start, start + per_rank) % n
-    index[start + torch.arange(per_rank) >= n] = 0
+    index = torch.arange(start, start + per_rank)
+    index[index >= n] = 0  # the last slice is padded with copies of entry 0
     local = TargetSet(target_set.name, target_set.ids_NL[index],
                       None if target_set.padding_mask_NL is None else target_set.padding_mask_NL[index],
                       target_set.attributes_SA, target_set.task_id)

@@ -126,15 +126,14 @@ def check_bundle(bundle: dict, rtol: float = 1e-4, chunk: int = 8192) -> Compari
             sets = shared_target_sets(raw)
             ref = bundle.get("eval", {}).get(task, {})
             io = bundle.get("encoder_io", {}).get(task)
+            enc = model.encode(batch.inputs)  # the input call: encoder output and its decisions
             if io is not None:
-                enc = model.encode(batch.inputs)
                 x_BLD, _, _ = model.embed_sequence(batch.inputs)
                 cmp.floats(f"{task}/encoder_in", x_BLD, io["in"])
                 if io.get("out") is not None:
                     cmp.floats(f"{task}/encoder_out", enc.hidden_BLD, io["out"])
             if batch.kind == "caption":
                 s = settings.get(task)
-                prefix_calls = model.encode(batch.inputs).decisions
                 feats, set_calls = _target_features(model, sets, [batch.target_set], chunk, set_cache)
                 out = beam_search(model, batch.inputs, batch.decode_attributes_SA, feats[batch.target_set],
                                   temperature=batch.temperature, beam_size=s.beam_size if s else 2,
@@ -144,17 +143,19 @@ def check_bundle(bundle: dict, rtol: float = 1e-4, chunk: int = 8192) -> Compari
                     cmp.exact(f"{task}/G_SENTS_IDS", out.ids_BT, ref["G_SENTS_IDS"])
                 if "G_LOGP" in ref:
                     cmp.floats(f"{task}/G_LOGP", out.logprobs_BT, ref["G_LOGP"])
-                calls = [prefix_calls] + set_calls + out.decisions[1:]
+                # the release encodes the prefix, then the vocabulary, then the decoding steps
+                calls = [out.decisions[0]] + set_calls + out.decisions[1:]
             elif batch.kind == "retrieval":
                 out = run_task(model, batch)
                 cmp.floats(f"{task}/input_feats", out.extras["input_feats"], ref["input_feats"])
                 cmp.floats(f"{task}/tgt_feats", out.extras["target_feats"], ref["tgt_feats"])
-                calls = [d for d in (model.encode(batch.inputs).decisions, model.encode(batch.targets).decisions)]
+                n_input = len(enc.decisions)  # out.decisions = input call + target call
+                calls = [out.decisions[:n_input], out.decisions[n_input:]]
             else:
                 feats, set_calls = _target_features(model, sets, [batch.target_set], chunk, set_cache)
                 out = run_task(model, batch, feats)
                 cmp.floats(f"{task}/logits", out.logits, ref["logits"])
-                calls = [model.encode(batch.inputs).decisions] + set_calls
+                calls = [out.decisions] + set_calls
             if task in bundle.get("gates", {}):
                 _compare_gates(cmp, task, calls, bundle["gates"][task])
 
