@@ -70,7 +70,7 @@ PRESETS = {
         d_model=768, d_ff=3072, experts=8, tokens=4096, dtype="float32",
         merged_routers=["attribute", "task", "modality"],
         token_top_k=[1, 2], capacity_factors=[1.0, 1.25, None], routing="uniform",
-        warmup=1, repeats=9, peer_repeats=3,
+        warmup=1, repeats=7, peer_repeats=3,
     ),
 }
 
@@ -247,36 +247,50 @@ def make_step(forward: Callable, module: nn.Module, x: torch.Tensor, grad: torch
     return step
 
 
-def measure(case: Case, forward: Callable, dense: nn.Module, device, dtype, warmup: int, repeats: int, seed: int = 0) -> dict:
+def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device, dtype, warmup: int, repeats: int,
+                  seed: int = 0) -> list[dict]:
+    """Time every member of a group and the dense FFN interleaved, on the same input.
+
+    Each repeat runs dense and every member once, in an order rotated by one each repeat, so
+    all of them see the same machine state; per-repeat ratios pair each member with that
+    repeat's dense step (and, for peers, with our layer's step).
+    """
+    case0 = members[0][0]
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, case.tokens, case.d_model, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    grad = torch.randn(1, case.tokens, case.d_model, generator=g).to(device=device, dtype=dtype)
-    step_row = make_step(forward, forward.module, x, grad, device)
-    step_dense = make_step(dense, dense, x, grad, device)
+    x = torch.randn(1, case0.tokens, case0.d_model, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    grad = torch.randn(1, case0.tokens, case0.d_model, generator=g).to(device=device, dtype=dtype)
+    steps = [make_step(dense, dense, x, grad, device)] + [make_step(f, f.module, x, grad, device) for _, f in members]
     for _ in range(warmup):
-        step_dense()
-        step_row()
-    row_ms, dense_ms = [], []
-    for i in range(repeats):  # interleaved, order alternating: both see the same machine state
-        if i % 2 == 0:
-            dense_ms.append(step_dense())
-            row_ms.append(step_row())
-        else:
-            row_ms.append(step_row())
-            dense_ms.append(step_dense())
-    med, dmed = statistics.median(row_ms), statistics.median(dense_ms)
-    return {
-        "ms_median": round(med, 3),
-        "ms_min": round(min(row_ms), 3),
-        "ms_max": round(max(row_ms), 3),
-        "ms_all": [round(v, 3) for v in row_ms],
-        "tokens_per_s": round(case.tokens / (med / 1e3), 1),
-        "dense_ms_median": round(dmed, 3),
-        "dense_ms_all": [round(v, 3) for v in dense_ms],
-        "ratio_to_k_dense": round(med / (case.k_dense * dmed), 4),
-        "paired_ratio_median": round(statistics.median(r / (case.k_dense * d) for r, d in zip(row_ms, dense_ms)), 4),
-        "drop_rate": forward.stats.get("drop_rate"),
-    }
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    for i in range(repeats):
+        shift = i % len(steps)
+        for j in list(range(shift, len(steps))) + list(range(shift)):
+            times[j].append(steps[j]())
+    dense_ms, dmed = times[0], statistics.median(times[0])
+    ours_ms = next((t for (c, _), t in zip(members, times[1:]) if c.impl == "ours"), None)
+    rows = []
+    for (case, forward), row_ms in zip(members, times[1:]):
+        med, k = statistics.median(row_ms), case.k_dense
+        row = {
+            "ms_median": round(med, 3),
+            "ms_min": round(min(row_ms), 3),
+            "ms_max": round(max(row_ms), 3),
+            "ms_all": [round(v, 3) for v in row_ms],
+            "tokens_per_s": round(case.tokens / (med / 1e3), 1),
+            "dense_ms_median": round(dmed, 3),
+            "dense_ms_all": [round(v, 3) for v in dense_ms],
+            "repeats": repeats,
+            "ratio_to_k_dense": round(med / (k * dmed), 4),
+            "paired_ratio_median": round(statistics.median(r / (k * d) for r, d in zip(row_ms, dense_ms)), 4),
+            "drop_rate": forward.stats.get("drop_rate"),
+        }
+        if case.impl != "ours" and ours_ms is not None:
+            # > 1: the peer is slower than our layer on the same work, in the same repeats.
+            row["paired_ratio_to_ours"] = round(statistics.median(r / o for r, o in zip(row_ms, ours_ms)), 4)
+        rows.append(row)
+    return rows
 
 
 # --- grid --------------------------------------------------------------------------------------
@@ -333,6 +347,29 @@ def grid_cases(args, ep_size: int) -> list[Case]:
     return cases
 
 
+def group_cases(cases: list[Case]) -> list[list[Case]]:
+    """Cases that do the same work, measured together (interleaved, one dense baseline).
+
+    Same work = same sizes and, for token routing, the same top-k and capacity factor; merged
+    routers form one group. fairscale (2x slower than the rest) gets a group of its own so that
+    it does not dominate the run time; its rows use the peer repeat count.
+    """
+    groups: dict[tuple, list[Case]] = {}
+    for c in cases:
+        merged = c.router in DATA_INDEPENDENT_ROUTERS
+        key = (c.experts, c.d_model, c.d_ff, c.tokens, c.dtype, c.ep_size, merged,
+               None if merged else (c.top_k, c.capacity_factor), c.impl == "fairscale")
+        groups.setdefault(key, []).append(c)
+    return list(groups.values())
+
+
+def _smoke(forward: Callable, case: Case, device, dtype) -> None:
+    x = torch.randn(1, case.tokens, case.d_model, device=device, dtype=dtype, requires_grad=True)
+    forward(x).sum().backward()
+    for p in forward.module.parameters():
+        p.grad = None
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -357,14 +394,15 @@ def fmt_row(r: dict) -> str:
         "-" if r["capacity_factor"] is None else f"{r['capacity_factor']:.2f}")
     if r["status"] != "ok":
         return f"{r['impl']:<10}{r['router']:<10}{r['backend']:<10}{r['top_k']:>3}  {cf:<9}  {r['status']}"
+    drop, vs = r.get("drop_rate"), r.get("paired_ratio_to_ours")
     return (f"{r['impl']:<10}{r['router']:<10}{r['backend']:<10}{r['top_k']:>3}  {cf:<9}"
             f"{r['ms_median']:>10.1f}{r['ms_min']:>9.1f}{r['ms_max']:>9.1f}{r['tokens_per_s']:>11.0f}"
-            f"{r['dense_ms_median']:>10.1f}{r['ratio_to_k_dense']:>9.3f}"
-            + ("" if r.get("drop_rate") is None else f"{r['drop_rate']:>8.3f}"))
+            f"{r['dense_ms_median']:>10.1f}{r['ratio_to_k_dense']:>9.3f}{r['paired_ratio_median']:>8.3f}"
+            f"{'' if vs is None else f'{vs:.3f}':>8}{'' if drop is None else f'{drop:.3f}':>8}")
 
 
 HEADER = (f"{'impl':<10}{'router':<10}{'backend':<10}{'k':>3}  {'cf':<9}{'ms/iter':>10}{'min':>9}{'max':>9}"
-          f"{'tokens/s':>11}{'dense ms':>10}{'ratio':>9}{'drop':>8}")
+          f"{'tokens/s':>11}{'dense ms':>10}{'ratio':>9}{'paired':>8}{'/ours':>8}{'drop':>8}")
 
 
 def main(argv=None) -> int:
@@ -415,6 +453,7 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else warmup
     repeats = args.repeats if args.repeats is not None else repeats
     peer_repeats = args.repeats if args.repeats is not None else peer_repeats
+    # Peers share our groups (and our repeat count); `peer_repeats` is for groups without ours.
 
     meta = {
         "preset": args.preset, "machine": machine_info(device), "git_commit": git_commit(),
@@ -429,27 +468,40 @@ def main(argv=None) -> int:
         print(f"# {meta['machine']['cpu']} | {meta['machine']['gpu'] or 'no gpu'} | threads {torch.get_num_threads()} "
               f"| torch {torch.__version__} | python {platform.python_version()} | commit {meta['git_commit']}")
         print(f"# tokens {cases[0].tokens} d_model {cases[0].d_model} d_ff {cases[0].d_ff} experts {cases[0].experts} "
-              f"{args.dtype} fwd+bwd, warmup {warmup}, repeats {repeats} (peers {peer_repeats}), ep_size {ep_size}")
+              f"{args.dtype} fwd+bwd, warmup {warmup}, repeats {repeats} (groups without ours: {peer_repeats}), ep_size {ep_size}")
         print(HEADER)
     t_start = time.perf_counter()
     rows = []
-    for case in cases:
-        torch.manual_seed(0)
-        row = {**asdict(case), **meta, "status": "ok",
-               "loadavg_1m_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-        try:
-            if case.impl != "ours" and world > 1:
-                raise RuntimeError("peers are measured in single-process runs only")
-            forward = build_ours(case, ep_group) if case.impl == "ours" else build_peer(case)
-            forward.module.to(device=device, dtype=dtype)
-            dense = DenseFFN(case.d_model, case.d_ff).to(device=device, dtype=dtype)
-            reps = repeats if case.impl == "ours" else peer_repeats
-            row.update(measure(case, forward, dense, device, dtype, warmup, reps))
-        except Exception as exc:  # noqa: BLE001 - a peer that cannot run is recorded, not fatal
-            row["status"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        rows.append(row)
+    for members in group_cases(cases):
+        group_rows, runnable = [], []
+        for case in members:
+            torch.manual_seed(0)
+            row = {**asdict(case), **meta, "status": "ok",
+                   "loadavg_1m_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            try:
+                if case.impl != "ours" and world > 1:
+                    raise RuntimeError("peers are measured in single-process runs only")
+                forward = build_ours(case, ep_group) if case.impl == "ours" else build_peer(case)
+                forward.module.to(device=device, dtype=dtype)
+                if case.impl != "ours":  # a peer that cannot run on this machine fails here, alone
+                    _smoke(forward, case, device, dtype)
+                runnable.append((case, forward))
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is recorded, not fatal
+                row["status"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            group_rows.append(row)
+        if runnable:
+            torch.manual_seed(0)
+            dense = DenseFFN(members[0].d_model, members[0].d_ff).to(device=device, dtype=dtype)
+            reps = repeats if any(c.impl == "ours" for c, _ in runnable) else peer_repeats
+            measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps))
+            ok = {id(c) for c, _ in runnable}
+            for case, row in zip(members, group_rows):
+                if id(case) in ok:
+                    row.update(next(measured))
+        rows += group_rows
         if rank == 0:
-            print(fmt_row(row), flush=True)
+            for row in group_rows:
+                print(fmt_row(row), flush=True)
     if rank == 0:
         print(f"# {len(rows)} rows in {time.perf_counter() - t_start:.0f}s"
               + ("" if args.no_write else f"; appended to {os.path.relpath(out_path)}"))

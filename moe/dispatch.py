@@ -160,7 +160,7 @@ class _Combine(torch.autograd.Function):
         grad_MO = grad_TO.index_select(0, plan.token_idx_M)
         grad_y = grad_gates = None
         if ctx.needs_input_grad[1]:
-            dots_M = torch.einsum("mo,mo->m", grad_MO, y_MO).to(gates_TK.dtype)
+            dots_M = torch.linalg.vecdot(grad_MO, y_MO).to(gates_TK.dtype)  # (a batched bmm is 3x slower on CPU)
             grad_gates = gates_TK.new_zeros(gates_TK.numel())
             grad_gates[plan.slot_idx_M] = dots_M
             grad_gates = grad_gates.view_as(gates_TK)

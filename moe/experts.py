@@ -10,6 +10,7 @@ full E x O x I zero gradient per expert, and split/unbind would copy every gradi
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,11 +27,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
 }
 
-# d act(h) / dh applied to a gradient: backward of each activation on one block, no graph.
-ACTIVATION_BACKWARDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "gelu": lambda grad, h: torch.ops.aten.gelu_backward(grad, h),
-    "relu": lambda grad, h: torch.ops.aten.threshold_backward(grad, h, 0),
-    "silu": lambda grad, h: torch.ops.aten.silu_backward(grad, h),
+# grad <- grad * d act(h) / dh, in place: each activation's backward on one block, no graph.
+ACTIVATION_BACKWARDS_: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gelu": lambda grad, h: torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=grad),
+    "relu": lambda grad, h: torch.ops.aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad),
+    "silu": lambda grad, h: torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=grad),
 }
 
 ExpertFn = Callable[[Tensor, Sequence[int]], Tensor]
@@ -60,14 +61,15 @@ def _run_expert_jobs(jobs: list[Callable[[], None]], costs: list[int], on_cpu: b
     A matmul on a block of a few hundred rows scales poorly over threads (the threads split an
     already small problem and synchronise per call), while experts are independent: giving each
     of the n intra-op threads its own experts, each computed single-threaded, recovers the dense
-    layer's efficiency. The thread setting is restored before returning. MOE_EXPERT_THREADS=0
-    turns this off (e.g. when the caller runs other CPU work concurrently).
+    layer's efficiency. Small jobs stay on the calling thread: below ~1 ms each, the hand-off
+    and the GIL cost more than they save. MOE_EXPERT_THREADS=0 turns this off (e.g. when the
+    caller runs other CPU work concurrently).
     """
     threads = torch.get_num_threads() if on_cpu else 1
     if (
         threads <= 1
         or len(jobs) < 2
-        or sum(costs) < _PARALLEL_MIN_COST
+        or sum(costs) < _PARALLEL_MIN_JOB_COST * len(jobs)
         or os.environ.get("MOE_EXPERT_THREADS", "1") == "0"
     ):
         for job in jobs:
@@ -76,26 +78,35 @@ def _run_expert_jobs(jobs: list[Callable[[], None]], costs: list[int], on_cpu: b
     groups = _partition(costs, min(threads, len(jobs)))
 
     def run(group: list[int]) -> None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # this worker thread's own setting (the caller's is untouched)
         with torch.no_grad():  # grad mode is per thread; these are autograd Function internals
             for j in group:
                 jobs[j]()
 
-    try:
-        with ThreadPoolExecutor(max_workers=len(groups) - 1) as pool:
-            futures = [pool.submit(run, g) for g in groups[1:]]
-            try:
-                run(groups[0])
-            finally:
-                for f in futures:
-                    f.exception()  # wait for all before re-raising anything
-            for f in futures:
-                f.result()
-    finally:
-        torch.set_num_threads(threads)
+    futures = [_expert_workers(threads).submit(run, g) for g in groups]
+    for f in futures:
+        f.exception()  # wait for all before re-raising anything
+    for f in futures:
+        f.result()
 
 
-_PARALLEL_MIN_COST = 1 << 24  # multiply-adds below which threading experts is not worth it
+_PARALLEL_MIN_JOB_COST = 1 << 25  # mean multiply-adds per expert job (~1 ms on one core)
+
+
+@functools.cache
+def _expert_workers(threads: int) -> ThreadPoolExecutor:
+    """`threads` long-lived single-threaded workers for expert jobs (one pool per thread count).
+
+    A process-wide resource like torch's own intra-op pool, not state: results never depend on
+    it. Workers are started once (a pool per call costs ~0.3 ms); each job sets its worker's
+    torch thread count to 1 (a per-thread setting), so the caller's setting is never touched.
+    Forked children start without it (see below).
+    """
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moe-experts")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child (e.g. a DataLoader worker) has no worker threads
+    os.register_at_fork(after_in_child=_expert_workers.cache_clear)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -227,7 +238,7 @@ class _GroupedFFN(torch.autograd.Function):
         x_MD, w1_EFD, w2_EDF, h_MF = ctx.saved_tensors
         grad_MD = grad_MD.contiguous()
         counts = ctx.counts
-        act, act_backward = ACTIVATIONS[ctx.activation], ACTIVATION_BACKWARDS[ctx.activation]
+        act, act_backward_ = ACTIVATIONS[ctx.activation], ACTIVATION_BACKWARDS_[ctx.activation]
         need = ctx.needs_input_grad
         grad_x = x_MD.new_empty(x_MD.shape) if need[0] else None
         grad_w1 = empty_like_large(w1_EFD, zero=0 in counts) if need[1] else None
@@ -250,7 +261,7 @@ class _GroupedFFN(torch.autograd.Function):
                     torch.mm(g_y.t(), act(h), out=grad_w2[e])  # act(h) recomputed, in cache
                 if grad_b2 is not None:
                     torch.sum(g_y, dim=0, out=grad_b2[e])
-                g_h = act_backward(torch.mm(g_y, w2_EDF[e]), h)
+                g_h = act_backward_(torch.mm(g_y, w2_EDF[e]), h)
                 if grad_x is not None:
                     torch.mm(g_h, w1_EFD[e], out=grad_x[rows])
                 if grad_w1 is not None:

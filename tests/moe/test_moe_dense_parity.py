@@ -156,15 +156,40 @@ def test_experts_run_side_by_side_on_threads_give_the_same_result(monkeypatch, e
     x = torch.randn(2, 10, 16, requires_grad=True)
     results = []
     threads = torch.get_num_threads()
-    for parallel in (False, True):
-        monkeypatch.setattr(experts, "_PARALLEL_MIN_COST", 0 if parallel else 1 << 62)
-        torch.set_num_threads(2)
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        y, _ = layer(x, RoutingContext())
-        y.pow(2).sum().backward()
-        results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
-        assert torch.get_num_threads() == 2  # restored after the threaded section
-    torch.set_num_threads(threads)
+    pools = []
+    real_workers = experts._expert_workers
+    monkeypatch.setattr(experts, "_expert_workers", lambda n: pools.append(n) or real_workers(n))
+    try:
+        for parallel in (False, True):
+            monkeypatch.setattr(experts, "_PARALLEL_MIN_JOB_COST", 0 if parallel else 1 << 62)
+            torch.set_num_threads(2)
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+            y, _ = layer(x, RoutingContext())
+            y.pow(2).sum().backward()
+            results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+            assert torch.get_num_threads() == 2  # the caller's setting is never changed
+            assert bool(pools) == parallel  # forward and backward went to the worker threads
+    finally:
+        torch.set_num_threads(threads)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_expert_workers_are_single_threaded_and_report_errors(monkeypatch):
+    import moe.experts as experts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        experts._run_expert_jobs([lambda: seen.append(torch.get_num_threads())] * 2, [1 << 30] * 2, on_cpu=True)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+
+        def boom():
+            raise RuntimeError("expert 3 failed")
+
+        with pytest.raises(RuntimeError, match="expert 3 failed"):
+            experts._run_expert_jobs([boom, lambda: None], [1 << 30] * 2, on_cpu=True)
+    finally:
+        torch.set_num_threads(threads)
