@@ -199,82 +199,141 @@ def grouped_linear(
         return _GroupedLinear.apply(x_MI.contiguous(), weight_EOI, bias_EO, counts)
 
 
+_BLOCK_BYTES = 8 << 20  # activation block size: well below glibc's mmap threshold (<= 32 MB)
+
+
+def _sub_blocks(ranges: list[tuple[int, int, int]], row_bytes: int) -> list[tuple[int, int, int]]:
+    """Split (expert, first row, end row) ranges into blocks of at most _BLOCK_BYTES of
+    activations (at least 64 rows) each, in row order."""
+    max_rows = max(64, _BLOCK_BYTES // max(row_bytes, 1))
+    blocks = []
+    for e, r0, r1 in ranges:
+        rows = r1 - r0
+        pieces = -(-rows // max_rows)
+        for i in range(pieces):  # equal pieces: no tiny tail block
+            blocks.append((e, r0 + rows * i // pieces, r0 + rows * (i + 1) // pieces))
+    return blocks
+
+
 class _GroupedFFN(torch.autograd.Function):
-    """Whole-FFN experts, block by block: fc1, activation, fc2 for one expert's rows at a time.
+    """Whole-FFN experts, block by block: fc1, activation, fc2 for a block of one expert's rows.
 
     The activation runs on a block right after fc1 produced it (still in cache), instead of one
-    pass over the whole M x F activation from memory; the activated block is a small temporary
-    recomputed in backward, so only the pre-activation h_MF is kept (the dense FFN keeps h and
-    act(h)). Gradients are written in place as in `_GroupedLinear`.
+    pass over the whole M x F activation from memory. As the dense FFN does, it keeps the
+    pre-activation h (for the activation's backward) and a = act(h) (fc2's input, for its weight
+    gradient), but as one tensor per block of at most 8 MB: such blocks are recycled warm from
+    glibc's heap on the next step, while one M x F buffer (50 MB for 4096 x 3072 fp32) would be
+    fresh pages faulting 4 KiB at a time on every step (~15 ms per buffer on one core; the dense
+    FFN pays that for each of its activations). An expert with many rows (a merged segment, an
+    overloaded expert) is split into several blocks; in backward its weight gradient is then
+    accumulated over the blocks, by up to one job per thread (the extra jobs sum into scratch
+    buffers added at the end). Weight gradients are otherwise written in place as in
+    `_GroupedLinear`.
     """
 
     @staticmethod
-    def forward(ctx, x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, counts, activation):
+    def forward(ctx, x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, blocks, activation):
         act = ACTIVATIONS[activation]
-        num_rows, d_ff = x_MD.shape[0], w1_EFD.shape[1]
-        h_MF = x_MD.new_empty(num_rows, d_ff)
-        y_MD = x_MD.new_empty(num_rows, w2_EDF.shape[1])
-        starts = _starts(counts)
+        d_ff = w1_EFD.shape[1]
+        y_MD = x_MD.new_empty(x_MD.shape[0], w2_EDF.shape[1])
+        h_blocks: list[Tensor | None] = [None] * len(blocks)
+        a_blocks: list[Tensor | None] = [None] * len(blocks)
 
-        def job(e: int) -> Callable[[], None]:
-            rows = slice(starts[e], starts[e] + counts[e])
+        def job(i: int) -> Callable[[], None]:
+            e, r0, r1 = blocks[i]
 
             def run() -> None:
-                h = _linear_into(x_MD[rows], w1_EFD[e], None if b1_EF is None else b1_EF[e], h_MF[rows])
-                _linear_into(act(h), w2_EDF[e], None if b2_ED is None else b2_ED[e], y_MD[rows])
+                h_blocks[i] = h = _linear(x_MD[r0:r1], w1_EFD[e], None if b1_EF is None else b1_EF[e])
+                a_blocks[i] = a = act(h)
+                _linear_into(a, w2_EDF[e], None if b2_ED is None else b2_ED[e], y_MD[r0:r1])
 
             return run
 
-        active = [e for e, c in enumerate(counts) if c]
         cost = 2 * d_ff * x_MD.shape[1]
-        _run_expert_jobs([job(e) for e in active], [counts[e] * cost for e in active], x_MD.device.type == "cpu")
-        ctx.counts, ctx.activation = counts, activation
+        _run_expert_jobs([job(i) for i in range(len(blocks))], [(r1 - r0) * cost for _, r0, r1 in blocks],
+                         x_MD.device.type == "cpu")
+        ctx.activation, ctx.blocks = activation, blocks
         ctx.has_bias = (b1_EF is not None, b2_ED is not None)
-        ctx.save_for_backward(x_MD, w1_EFD, w2_EDF, h_MF)
+        ctx.save_for_backward(x_MD, w1_EFD, w2_EDF, *h_blocks, *a_blocks)
         return y_MD
 
     @staticmethod
     def backward(ctx, grad_MD):
-        x_MD, w1_EFD, w2_EDF, h_MF = ctx.saved_tensors
+        x_MD, w1_EFD, w2_EDF, *saved = ctx.saved_tensors
+        blocks = ctx.blocks
+        h_blocks, a_blocks = saved[: len(blocks)], saved[len(blocks):]
+        idle = len({e for e, _, _ in blocks}) < w1_EFD.shape[0]  # experts without rows: zero gradients
         grad_MD = grad_MD.contiguous()
-        counts = ctx.counts
-        act, act_backward_ = ACTIVATIONS[ctx.activation], ACTIVATION_BACKWARDS_[ctx.activation]
+        act_backward_ = ACTIVATION_BACKWARDS_[ctx.activation]
         need = ctx.needs_input_grad
         grad_x = x_MD.new_empty(x_MD.shape) if need[0] else None
-        grad_w1 = empty_like_large(w1_EFD, zero=0 in counts) if need[1] else None
-        grad_b1 = w1_EFD.new_empty(w1_EFD.shape[:2]) if need[2] and ctx.has_bias[0] else None
-        grad_w2 = empty_like_large(w2_EDF, zero=0 in counts) if need[3] else None
-        grad_b2 = w2_EDF.new_empty(w2_EDF.shape[:2]) if need[4] and ctx.has_bias[1] else None
-        starts = _starts(counts)
+        grads = {  # weight-gradient name -> (final buffer or None, expert parameter it mirrors)
+            "w1": (empty_like_large(w1_EFD, zero=idle) if need[1] else None, w1_EFD),
+            "b1": (w1_EFD.new_zeros(w1_EFD.shape[:2]) if need[2] and ctx.has_bias[0] else None, None),
+            "w2": (empty_like_large(w2_EDF, zero=idle) if need[3] else None, w2_EDF),
+            "b2": (w2_EDF.new_zeros(w2_EDF.shape[:2]) if need[4] and ctx.has_bias[1] else None, None),
+        }
+        threads = torch.get_num_threads() if x_MD.device.type == "cpu" else 1
+        cost_per_row = 4 * w1_EFD.shape[1] * x_MD.shape[1]
+        # Jobs: each expert's blocks, split into up to `threads` parts when that expert alone
+        # holds more than a thread's share of the work (part 0 writes the final gradient, the
+        # other parts write scratch gradients added afterwards).
+        by_expert: dict[int, list[int]] = {}
+        for i, (e, _, _) in enumerate(blocks):
+            by_expert.setdefault(e, []).append(i)
+        total = max(1, x_MD.shape[0])
+        jobs, costs, scratch = [], [], []
+        for e, idx in by_expert.items():
+            rows = sum(blocks[i][2] - blocks[i][1] for i in idx)
+            parts = max(1, min(len(idx), threads, round(threads * rows / total)))
+            for p in range(parts):
+                part = idx[len(idx) * p // parts: len(idx) * (p + 1) // parts]
+                if p == 0:
+                    targets = {k: (None if g is None else g[e]) for k, (g, _) in grads.items()}
+                else:
+                    targets = {k: (None if g is None else torch.empty_like(g[e])) for k, (g, _) in grads.items()}
+                    scratch.append((e, targets))
+                jobs.append(_ffn_backward_job(part, blocks, targets, x_MD, w1_EFD[e], w2_EDF[e], grad_MD,
+                                              grad_x, h_blocks, a_blocks, act_backward_))
+                costs.append(cost_per_row * sum(blocks[i][2] - blocks[i][1] for i in part))
+        _run_expert_jobs(jobs, costs, x_MD.device.type == "cpu")
+        for e, targets in scratch:
+            for k, t in targets.items():
+                if t is not None:
+                    grads[k][0][e].add_(t)
+        return grad_x, grads["w1"][0], grads["b1"][0], grads["w2"][0], grads["b2"][0], None, None
 
-        def job(e: int) -> Callable[[], None]:
-            rows = slice(starts[e], starts[e] + counts[e])
 
-            def run() -> None:
-                if counts[e] == 0:  # the weight gradients were allocated zeroed
-                    for g in (grad_b1, grad_b2):
-                        if g is not None:
-                            g[e].zero_()
-                    return
-                g_y, h = grad_MD[rows], h_MF[rows]
-                if grad_w2 is not None:
-                    torch.mm(g_y.t(), act(h), out=grad_w2[e])  # act(h) recomputed, in cache
-                if grad_b2 is not None:
-                    torch.sum(g_y, dim=0, out=grad_b2[e])
-                g_h = act_backward_(torch.mm(g_y, w2_EDF[e]), h)
-                if grad_x is not None:
-                    torch.mm(g_h, w1_EFD[e], out=grad_x[rows])
-                if grad_w1 is not None:
-                    torch.mm(g_h.t(), x_MD[rows], out=grad_w1[e])
-                if grad_b1 is not None:
-                    torch.sum(g_h, dim=0, out=grad_b1[e])
+def _ffn_backward_job(part, blocks, targets, x_MD, w1_FD, w2_DF, grad_MD, grad_x, h_blocks, a_blocks,
+                      act_backward_) -> Callable[[], None]:
+    """Backward of one expert's blocks `part`: input-gradient rows, and the weight gradients
+    accumulated over the blocks into `targets` (the first block writes, the others add)."""
 
-            return run
+    def write(name: str, first: bool, a: Tensor, b: Tensor) -> None:
+        if targets[name] is not None:
+            torch.mm(a, b, out=targets[name]) if first else targets[name].addmm_(a, b)
 
-        cost = 4 * w1_EFD.shape[1] * x_MD.shape[1]
-        _run_expert_jobs([job(e) for e in range(len(counts))], [max(c, 1) * cost for c in counts],
-                         x_MD.device.type == "cpu")
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+    def write_sum(name: str, first: bool, g: Tensor) -> None:
+        if targets[name] is not None:
+            torch.sum(g, dim=0, out=targets[name]) if first else targets[name].add_(g.sum(dim=0))
+
+    def run() -> None:
+        for n, i in enumerate(part):
+            _, r0, r1 = blocks[i]
+            g_y = grad_MD[r0:r1]
+            write("w2", n == 0, g_y.t(), a_blocks[i])
+            write_sum("b2", n == 0, g_y)
+            g_h = act_backward_(torch.mm(g_y, w2_DF), h_blocks[i])
+            if grad_x is not None:
+                torch.mm(g_h, w1_FD, out=grad_x[r0:r1])
+            write("w1", n == 0, g_h.t(), x_MD[r0:r1])
+            write_sum("b1", n == 0, g_h)
+
+    return run
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
 
 
 def _linear_into(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
@@ -294,13 +353,49 @@ def grouped_ffn(
 ) -> Tensor:
     """y[block e] = act(x[block e] W1_e^T + b1_e) W2_e^T + b2_e: whole-FFN experts."""
     counts = _check_counts(counts, w1_EFD.shape[0], x_MD.shape[0])
+    return _ffn_on_blocks(x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, _row_ranges(counts), activation)
+
+
+def segment_ffn(
+    x_BLD: Tensor,
+    w1_SFD: Tensor,
+    b1_SF: Tensor | None,
+    w2_SDF: Tensor,
+    b2_SD: Tensor | None,
+    segment_starts: Sequence[int],
+    activation: str = "gelu",
+) -> Tensor:
+    """act(x W1_s^T + b1_s) W2_s^T + b2_s at positions [segment_starts[s], segment_starts[s+1]):
+    a merged FFN per segment, computed block by block like the expert FFNs (no M x F buffer)."""
+    batch, length, d_model = x_BLD.shape
+    bounds = list(segment_starts) + [length]
+    if len(segment_starts) != w1_SFD.shape[0] or bounds[-2] >= length:
+        raise ValueError(f"{w1_SFD.shape[0]} merged FFNs for segments {tuple(segment_starts)} of a "
+                         f"sequence of {length}")
+    ranges = [(s, b * length + bounds[s], b * length + bounds[s + 1])
+              for b in range(batch) for s in range(len(segment_starts))]
+    y_TD = _ffn_on_blocks(x_BLD.reshape(batch * length, d_model), w1_SFD, b1_SF, w2_SDF, b2_SD, ranges, activation)
+    return y_TD.view(batch, length, -1)
+
+
+def _row_ranges(counts: Sequence[int]) -> list[tuple[int, int, int]]:
+    ranges, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            ranges.append((e, start, start + c))
+        start += c
+    return ranges
+
+
+def _ffn_on_blocks(x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, ranges, activation) -> Tensor:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     device_type = x_MD.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_MD.dtype
     tensors = [t if t is None else t.to(dtype) for t in (x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED)]
+    blocks = _sub_blocks(ranges, w1_EFD.shape[1] * tensors[0].element_size())
     with torch.autocast(device_type=device_type, enabled=False):
-        return _GroupedFFN.apply(tensors[0].contiguous(), *tensors[1:], counts, activation)
+        return _GroupedFFN.apply(tensors[0].contiguous(), *tensors[1:], blocks, activation)
 
 
 def loop_reference(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .backends import resolve_backend, run_dispatched
 from .config import MoEConfig
 from .dispatch import make_plan
-from .experts import ACTIVATIONS, grouped_ffn, grouped_linear
+from .experts import ACTIVATIONS, grouped_ffn, grouped_linear, segment_ffn
 from .losses import router_losses
 from .merge import merge_expert_weights, segment_linear
 from .parallel import ExpertParallel, ProcessGroup, gather_experts
@@ -99,13 +99,7 @@ class MoELinear(nn.Module):
         if decision is None:
             decision = self.route(ctx, x_BLI)
         if isinstance(decision, SegmentDecision):
-            # All experts are needed locally to merge; under EP they are gathered (and the
-            # gradient summed back to the owners).
-            weight_EOI = gather_experts(self.weight_EOI, self.expert_parallel)
-            bias_EO = None if self.bias_EO is None else gather_experts(self.bias_EO, self.expert_parallel)
-            weight_SOI, bias_SO = merge_expert_weights(
-                weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK
-            )
+            weight_SOI, bias_SO = self.merged_weights(decision)
             y_BLO = segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice)
             return y_BLO, decision
         batch, length, _ = x_BLI.shape
@@ -121,6 +115,14 @@ class MoELinear(nn.Module):
             self.expert_parallel,
         )
         return y_TO.view(batch, length, -1), decision
+
+    def merged_weights(self, decision: SegmentDecision) -> tuple[Tensor, Tensor | None]:
+        """Per segment s: sum_k g[s,k] W[e[s,k]] (and the bias likewise)."""
+        # All experts are needed locally to merge; under EP they are gathered (and the
+        # gradient summed back to the owners).
+        weight_EOI = gather_experts(self.weight_EOI, self.expert_parallel)
+        bias_EO = None if self.bias_EO is None else gather_experts(self.bias_EO, self.expert_parallel)
+        return merge_expert_weights(weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK)
 
     def extra_repr(self) -> str:
         ep = self.expert_parallel
@@ -238,6 +240,12 @@ class MoEFFN(nn.Module):
     ) -> tuple[Tensor, Decision]:
         if decision is None:
             decision = self.route(ctx, x_BLD)
+        if self.cfg.expert_type == "linear" and isinstance(decision, SegmentDecision):
+            # GELU(x W1_bar) W2_bar with merged weights, fused block by block (moe.experts).
+            w1_SFD, b1_SF = self.fc1.merged_weights(decision)
+            w2_SDF, b2_SD = self.fc2.merged_weights(decision)
+            y_BLD = segment_ffn(x_BLD, w1_SFD, b1_SF, w2_SDF, b2_SD, ctx.segment_starts, self.activation)
+            return y_BLD, decision
         if self.cfg.expert_type == "linear":
             h_BLF, _ = self.fc1(x_BLD, ctx, decision)
             y_BLD, _ = self.fc2(ACTIVATIONS[self.activation](h_BLF), ctx, decision)

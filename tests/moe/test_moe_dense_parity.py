@@ -105,6 +105,39 @@ def test_grouped_kernels_equal_loop_over_blocks(counts):
     torch.testing.assert_close(grouped_ffn(x, w_EOI, b_EO, w2_EDF, None, counts), ref_ffn)
 
 
+@pytest.mark.parametrize("threaded", [False, True])
+def test_grouped_ffn_split_into_blocks_equals_autograd(monkeypatch, threaded):
+    """Experts with more rows than a block are computed in several blocks (and, threaded, their
+    weight gradients accumulated by several jobs): outputs and every gradient stay exact."""
+    import moe.experts as experts
+
+    monkeypatch.setattr(experts, "_BLOCK_BYTES", 1)  # blocks of the 64-row minimum
+    monkeypatch.setattr(experts, "_PARALLEL_MIN_JOB_COST", 0 if threaded else 1 << 62)
+    torch.manual_seed(0)
+    counts = [300, 0, 70, 10]  # 5 blocks, 2 blocks, 1 block; expert 1 empty
+    x = torch.randn(sum(counts), 8, dtype=torch.float64, requires_grad=True)
+    params = [torch.randn(4, 12, 8, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, 12, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, 8, 12, dtype=torch.float64, requires_grad=True),
+              torch.randn(4, 8, dtype=torch.float64, requires_grad=True)]
+    assert len(experts._sub_blocks(experts._row_ranges(counts), 12 * 8)) == 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = grouped_ffn(x, *params, counts)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x] + params, g)
+    finally:
+        torch.set_num_threads(threads)
+    w1, b1, w2, b2 = params
+    bounds = [0, 300, 300, 370, 380]
+    ref = torch.cat([F.linear(F.gelu(F.linear(x[bounds[e]:bounds[e + 1]], w1[e], b1[e])), w2[e], b2[e])
+                     for e in range(4)])
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(grads, torch.autograd.grad(ref, [x] + params, g)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("router", ["attribute", "task", "modality"])
 def test_merged_linear_equals_gate_weighted_mixture(router):
     torch.manual_seed(2)
@@ -126,6 +159,36 @@ def test_merged_linear_equals_gate_weighted_mixture(router):
     g = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, params, g, retain_graph=True), torch.autograd.grad(ref, params, g)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("router", ["attribute", "modality"])
+def test_merged_ffn_fused_equals_the_two_merged_linears(monkeypatch, router):
+    """MoEFFN with linear experts under segment routing runs one fused block-wise FFN with
+    merged weights; it equals fc2(GELU(fc1(x))) through the two MoELinear sublayers, in outputs
+    and in the gradients of input, experts and router (also split into many blocks, threaded)."""
+    import moe.experts as experts
+
+    monkeypatch.setattr(experts, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(experts, "_PARALLEL_MIN_JOB_COST", 0)
+    torch.manual_seed(6)
+    cfg = MoEConfig(num_experts=4, top_k=2, router=router, noise="none")
+    moe_ffn = MoEFFN(6, 9, cfg).double()
+    ctx = _ctx(router, segment_starts=(0, 70), num_segments=2, seed=7)
+    x = torch.randn(3, 100, 6, dtype=torch.float64, requires_grad=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, dec = moe_ffn(x, ctx)
+        h, _ = moe_ffn.fc1(x, ctx, dec)
+        ref, _ = moe_ffn.fc2(F.gelu(h), ctx, dec)
+        torch.testing.assert_close(y, ref)
+        params = [x] + list(moe_ffn.parameters())
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, params, g, retain_graph=True)  # the router graph is shared
+        for a, b in zip(grads, torch.autograd.grad(ref, params, g)):
+            torch.testing.assert_close(a, b)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("router", ["attribute", "task"])
