@@ -199,7 +199,7 @@ def grouped_linear(
         return _GroupedLinear.apply(x_MI.contiguous(), weight_EOI, bias_EO, counts)
 
 
-_BLOCK_BYTES = 8 << 20  # activation block size: well below glibc's mmap threshold (<= 32 MB)
+_BLOCK_BYTES = 16 << 20  # activation block size: below glibc's largest mmap threshold (32 MB)
 
 
 def _sub_blocks(ranges: list[tuple[int, int, int]], row_bytes: int) -> list[tuple[int, int, int]]:
@@ -221,7 +221,7 @@ class _GroupedFFN(torch.autograd.Function):
     The activation runs on a block right after fc1 produced it (still in cache), instead of one
     pass over the whole M x F activation from memory. As the dense FFN does, it keeps the
     pre-activation h (for the activation's backward) and a = act(h) (fc2's input, for its weight
-    gradient), but as one tensor per block of at most 8 MB: such blocks are recycled warm from
+    gradient), but as one tensor per block of at most 16 MB: such blocks are recycled warm from
     glibc's heap on the next step, while one M x F buffer (50 MB for 4096 x 3072 fp32) would be
     fresh pages faulting 4 KiB at a time on every step (~15 ms per buffer on one core; the dense
     FFN pays that for each of its activations). An expert with many rows (a merged segment, an
@@ -354,28 +354,6 @@ def grouped_ffn(
     """y[block e] = act(x[block e] W1_e^T + b1_e) W2_e^T + b2_e: whole-FFN experts."""
     counts = _check_counts(counts, w1_EFD.shape[0], x_MD.shape[0])
     return _ffn_on_blocks(x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, _row_ranges(counts), activation)
-
-
-def segment_ffn(
-    x_BLD: Tensor,
-    w1_SFD: Tensor,
-    b1_SF: Tensor | None,
-    w2_SDF: Tensor,
-    b2_SD: Tensor | None,
-    segment_starts: Sequence[int],
-    activation: str = "gelu",
-) -> Tensor:
-    """act(x W1_s^T + b1_s) W2_s^T + b2_s at positions [segment_starts[s], segment_starts[s+1]):
-    a merged FFN per segment, computed block by block like the expert FFNs (no M x F buffer)."""
-    batch, length, d_model = x_BLD.shape
-    bounds = list(segment_starts) + [length]
-    if len(segment_starts) != w1_SFD.shape[0] or bounds[-2] >= length:
-        raise ValueError(f"{w1_SFD.shape[0]} merged FFNs for segments {tuple(segment_starts)} of a "
-                         f"sequence of {length}")
-    ranges = [(s, b * length + bounds[s], b * length + bounds[s + 1])
-              for b in range(batch) for s in range(len(segment_starts))]
-    y_TD = _ffn_on_blocks(x_BLD.reshape(batch * length, d_model), w1_SFD, b1_SF, w2_SDF, b2_SD, ranges, activation)
-    return y_TD.view(batch, length, -1)
 
 
 def _row_ranges(counts: Sequence[int]) -> list[tuple[int, int, int]]:

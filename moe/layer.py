@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .backends import resolve_backend, run_dispatched
 from .config import MoEConfig
 from .dispatch import make_plan
-from .experts import ACTIVATIONS, grouped_ffn, grouped_linear, segment_ffn
+from .experts import ACTIVATIONS, grouped_ffn, grouped_linear
 from .losses import router_losses
 from .merge import merge_expert_weights, segment_linear
 from .parallel import ExpertParallel, ProcessGroup, gather_experts
@@ -240,12 +240,6 @@ class MoEFFN(nn.Module):
     ) -> tuple[Tensor, Decision]:
         if decision is None:
             decision = self.route(ctx, x_BLD)
-        if self.cfg.expert_type == "linear" and isinstance(decision, SegmentDecision):
-            # GELU(x W1_bar) W2_bar with merged weights, fused block by block (moe.experts).
-            w1_SFD, b1_SF = self.fc1.merged_weights(decision)
-            w2_SDF, b2_SD = self.fc2.merged_weights(decision)
-            y_BLD = segment_ffn(x_BLD, w1_SFD, b1_SF, w2_SDF, b2_SD, ctx.segment_starts, self.activation)
-            return y_BLD, decision
         if self.cfg.expert_type == "linear":
             h_BLF, _ = self.fc1(x_BLD, ctx, decision)
             y_BLD, _ = self.fc2(ACTIVATIONS[self.activation](h_BLF), ctx, decision)

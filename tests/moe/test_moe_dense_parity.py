@@ -161,36 +161,6 @@ def test_merged_linear_equals_gate_weighted_mixture(router):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("router", ["attribute", "modality"])
-def test_merged_ffn_fused_equals_the_two_merged_linears(monkeypatch, router):
-    """MoEFFN with linear experts under segment routing runs one fused block-wise FFN with
-    merged weights; it equals fc2(GELU(fc1(x))) through the two MoELinear sublayers, in outputs
-    and in the gradients of input, experts and router (also split into many blocks, threaded)."""
-    import moe.experts as experts
-
-    monkeypatch.setattr(experts, "_BLOCK_BYTES", 1)
-    monkeypatch.setattr(experts, "_PARALLEL_MIN_JOB_COST", 0)
-    torch.manual_seed(6)
-    cfg = MoEConfig(num_experts=4, top_k=2, router=router, noise="none")
-    moe_ffn = MoEFFN(6, 9, cfg).double()
-    ctx = _ctx(router, segment_starts=(0, 70), num_segments=2, seed=7)
-    x = torch.randn(3, 100, 6, dtype=torch.float64, requires_grad=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        y, dec = moe_ffn(x, ctx)
-        h, _ = moe_ffn.fc1(x, ctx, dec)
-        ref, _ = moe_ffn.fc2(F.gelu(h), ctx, dec)
-        torch.testing.assert_close(y, ref)
-        params = [x] + list(moe_ffn.parameters())
-        g = torch.randn_like(y)
-        grads = torch.autograd.grad(y, params, g, retain_graph=True)  # the router graph is shared
-        for a, b in zip(grads, torch.autograd.grad(ref, params, g)):
-            torch.testing.assert_close(a, b)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("router", ["attribute", "task"])
 def test_whole_ffn_experts_under_segment_routing_are_the_exact_mixture(router):
     torch.manual_seed(4)
