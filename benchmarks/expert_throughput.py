@@ -518,6 +518,7 @@ def main(argv=None) -> int:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
     if dist.is_initialized():
+        dist.barrier()  # gloo aborts at exit when one rank tears down while another still talks
         dist.destroy_process_group()
     return 0
 

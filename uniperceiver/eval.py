@@ -19,7 +19,7 @@ import torch
 
 from .config import ConfigError, RunConfig, load_config, parse_cli
 from .data.errors import DataError
-from .distributed import init_distributed
+from .distributed import init_distributed, shutdown
 from .evaluation.evaluators import EvalInputError
 from .evaluation.runner import evaluate, output_path, write_report
 
@@ -45,8 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             actual = "not produced" if miss["actual"] is None else f"{miss['actual']:.4f}"
             print(f"MISS {miss['key']}: {actual}, expected {miss['expected']} ± {miss['tolerance']}",
                   file=sys.stderr)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    shutdown()
     return 0 if report.passed else 1
 
 
