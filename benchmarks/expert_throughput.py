@@ -255,8 +255,8 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
                   seed: int = 0) -> list[dict]:
     """Time every member of a group and the dense FFN interleaved, on the same input.
 
-    Each repeat runs dense and every member once, in an order rotated by one each repeat, so
-    all of them see the same machine state; per-repeat ratios pair each member with that
+    Each repeat runs dense and every member once, in an order rotated by one each repeat (with
+    a single member: dense, member, dense, member, ...), so all of them see the same machine state; per-repeat ratios pair each member with that
     repeat's dense step (and, for peers, with our layer's step).
     """
     case0 = members[0][0]
@@ -269,7 +269,10 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
             step()
     times: list[list[float]] = [[] for _ in steps]
     for i in range(repeats):
-        shift = i % len(steps)
+        # Rotating the order varies who runs after whom; with two steps a rotation would run
+        # each one twice in a row at every other boundary (a warm repeat of itself), so two
+        # steps simply alternate: each always follows the other.
+        shift = i % len(steps) if len(steps) > 2 else 0
         for j in list(range(shift, len(steps))) + list(range(shift)):
             times[j].append(steps[j]())
     dense_ms, dmed = times[0], statistics.median(times[0])
