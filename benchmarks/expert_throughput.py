@@ -21,6 +21,8 @@ with the machine, versions and git commit. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import datetime as _dt
 import json
 import os
@@ -235,13 +237,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_step(forward: Callable, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device) -> Callable[[], float]:
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0): hand every free heap page back to the OS (cold-heap steps)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError) as exc:
+        raise SystemExit(f"--cold-heap needs glibc's malloc_trim: {exc}") from exc
+    return lambda: trim(0)
+
+
+def make_step(forward: Callable, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, device,
+              before: Callable[[], None] | None = None) -> Callable[[], float]:
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step() -> float:
         for p in params:  # as optimizer.zero_grad(set_to_none=True) leaves them
             p.grad = None
         x.grad = None
+        if before is not None:
+            before()
         _sync(device)
         t0 = time.perf_counter()
         forward(x).backward(grad)
@@ -252,7 +267,7 @@ def make_step(forward: Callable, module: nn.Module, x: torch.Tensor, grad: torch
 
 
 def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device, dtype, warmup: int, repeats: int,
-                  seed: int = 0) -> list[dict]:
+                  seed: int = 0, cold_heap: bool = False) -> list[dict]:
     """Time every member of a group and the dense FFN interleaved, on the same input.
 
     Each repeat runs dense and every member once, in an order rotated by one each repeat (with
@@ -263,7 +278,9 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, case0.tokens, case0.d_model, generator=g).to(device=device, dtype=dtype).requires_grad_()
     grad = torch.randn(1, case0.tokens, case0.d_model, generator=g).to(device=device, dtype=dtype)
-    steps = [make_step(dense, dense, x, grad, device)] + [make_step(f, f.module, x, grad, device) for _, f in members]
+    before = _malloc_trim() if cold_heap else None
+    steps = [make_step(dense, dense, x, grad, device, before)] + [
+        make_step(f, f.module, x, grad, device, before) for _, f in members]
     for _ in range(warmup):
         for step in steps:
             step()
@@ -276,7 +293,8 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
         for j in list(range(shift, len(steps))) + list(range(shift)):
             times[j].append(steps[j]())
     dense_ms, dmed = times[0], statistics.median(times[0])
-    ours_ms = next((t for (c, _), t in zip(members, times[1:]) if c.impl == "ours"), None)
+    ours_ms = {(c.top_k, c.capacity_factor): t for (c, _), t in zip(members, times[1:])
+               if c.impl == "ours" and c.backend == members[0][0].backend}
     rows = []
     for (case, forward), row_ms in zip(members, times[1:]):
         med, k = statistics.median(row_ms), case.k_dense
@@ -296,9 +314,10 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
             "ratio_of_medians": round(med / (k * dmed), 4),
             "drop_rate": forward.stats.get("drop_rate"),
         }
-        if case.impl != "ours" and ours_ms is not None:
+        mine = ours_ms.get((case.top_k, case.capacity_factor))
+        if case.impl != "ours" and mine is not None:
             # > 1: the peer is slower than our layer on the same work, in the same repeats.
-            row["paired_ratio_to_ours"] = round(statistics.median(r / o for r, o in zip(row_ms, ours_ms)), 4)
+            row["paired_ratio_to_ours"] = round(statistics.median(r / o for r, o in zip(row_ms, mine)), 4)
         rows.append(row)
     return rows
 
@@ -360,15 +379,18 @@ def grid_cases(args, ep_size: int) -> list[Case]:
 def group_cases(cases: list[Case]) -> list[list[Case]]:
     """Cases that do the same work, measured together (interleaved, one dense baseline).
 
-    Same work = same sizes and, for token routing, the same top-k and capacity factor; merged
-    routers form one group. fairscale (2x slower than the rest) gets a group of its own so that
-    it does not dominate the run time; its rows use the peer repeat count.
+    A group = same sizes and, for token routing, the same top-k (every capacity factor, ours and
+    the peers); merged routers form one group. Groups of many members matter: every step leaves
+    glibc's heap in its own state for the next one (a layer that frees many mid-size blocks
+    makes the next step's allocations warm), so each step should follow a varied set of
+    others, never always the same one. fairscale (2x slower than the rest) gets a group of its
+    own so that it does not dominate the run time; its rows use the peer repeat count.
     """
     groups: dict[tuple, list[Case]] = {}
     for c in cases:
         merged = c.router in DATA_INDEPENDENT_ROUTERS
         key = (c.experts, c.d_model, c.d_ff, c.tokens, c.dtype, c.ep_size, merged,
-               None if merged else (c.top_k, c.capacity_factor), c.impl == "fairscale")
+               None if merged else c.top_k, c.impl == "fairscale")
         groups.setdefault(key, []).append(c)
     return list(groups.values())
 
@@ -436,6 +458,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--ep", action="store_true", help="under torchrun: shard experts over all ranks")
+    ap.add_argument("--cold-heap", action="store_true",
+                    help="glibc malloc_trim(0) before every timed step: each starts from an empty heap")
     ap.add_argument("--out", help="JSONL path (default: <out-dir>/<fixed name scheme>)")
     ap.add_argument("--out-dir", default=RESULTS_DIR)
     ap.add_argument("--no-write", action="store_true")
@@ -468,7 +492,7 @@ def main(argv=None) -> int:
     meta = {
         "preset": args.preset, "machine": machine_info(device), "git_commit": git_commit(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "world_size": world, "warmup": warmup, "host": host_kind(device),
+        "world_size": world, "warmup": warmup, "host": host_kind(device), "cold_heap": args.cold_heap,
     }
     out_path = args.out or os.path.join(
         args.out_dir,
@@ -503,7 +527,7 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             dense = DenseFFN(members[0].d_model, members[0].d_ff).to(device=device, dtype=dtype)
             reps = repeats if any(c.impl == "ours" for c, _ in runnable) else peer_repeats
-            measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps))
+            measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps, cold_heap=args.cold_heap))
             ok = {id(c) for c, _ in runnable}
             for case, row in zip(members, group_rows):
                 if id(case) in ok:

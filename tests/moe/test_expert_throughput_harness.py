@@ -49,18 +49,18 @@ def test_preset_grid_has_every_required_row_and_groups_peers_with_ours():
     assert {(k, cf) for r, k, cf in ours if r == "token"} == {
         (k, cf) for k in (1, 2) for cf in (1.0, 1.25, None)}
     groups = h.group_cases(cases)
-    for group in groups:  # one work per group
-        assert len({(c.top_k, c.capacity_factor) for c in group if c.router == "token"}) <= 1
+    for group in groups:  # one top-k per group (its capacity factors, ours and the peers)
+        assert len({c.top_k for c in group if c.router == "token"}) <= 1
     top1_cf1 = next(g for g in groups if any(c.impl == "deepspeed" and c.top_k == 1 and c.capacity_factor == 1.0
                                              for c in g))
-    assert {c.impl for c in top1_cf1} == {"ours", "deepspeed", "tutel"}
+    assert {c.impl for c in top1_cf1} == {"ours", "deepspeed", "tutel"} and len(top1_cf1) == 7
     assert [c.impl for c in groups[-1]] == ["fairscale"]
 
 
 def test_tiny_grid_with_peers_writes_one_complete_row_per_case(tmp_path):
     out = tmp_path / "rows.jsonl"
     proc = _run([sys.executable, str(SCRIPT), "--router", "token", "attribute", "--top-k", "1", "2",
-                 "--capacity-factor", "1.0", "dropless", "--routing", "uniform", "--peers", *TINY,
+                 "--capacity-factor", "1.0", "dropless", "--routing", "uniform", "--peers", "--cold-heap", *TINY,
                  "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(out)
