@@ -8,7 +8,7 @@ k x the dense FFN, measured in the same run.
 Every row times one forward+backward of the layer on `tokens` tokens (d_model -> d_ff -> d_model).
 Rows doing the same work (same sizes, top-k and capacity factor; our layer and the peers) form a
 group measured together with the dense FFN on the same tokens: each repeat runs dense and every
-member once, in rotated order, after warm-up. It reports the median ms/iter and its spread
+member once, in a fresh seeded random order, after warm-up. It reports the median ms/iter and its spread
 (min..max), tokens/s, and
     ratio_to_k_dense = median over repeats of row_ms / (top_k x dense_ms of the same repeat)
 (`ratio_of_medians` = median(row) / (top_k x median(dense)) is kept too); dense is k x cheaper
@@ -27,6 +27,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -270,8 +271,8 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
                   seed: int = 0, cold_heap: bool = False) -> list[dict]:
     """Time every member of a group and the dense FFN interleaved, on the same input.
 
-    Each repeat runs dense and every member once, in an order rotated by one each repeat (with
-    a single member: dense, member, dense, member, ...), so all of them see the same machine state; per-repeat ratios pair each member with that
+    Each repeat runs dense and every member once, in a fresh (seeded) random order, so all of
+    them see the same machine state and a varied set of predecessors; per-repeat ratios pair each member with that
     repeat's dense step (and, for peers, with our layer's step).
     """
     case0 = members[0][0]
@@ -285,13 +286,20 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
         for step in steps:
             step()
     times: list[list[float]] = [[] for _ in steps]
-    for i in range(repeats):
-        # Rotating the order varies who runs after whom; with two steps a rotation would run
-        # each one twice in a row at every other boundary (a warm repeat of itself), so two
-        # steps simply alternate: each always follows the other.
-        shift = i % len(steps) if len(steps) > 2 else 0
-        for j in list(range(shift, len(steps))) + list(range(shift)):
+    order_rng = random.Random(seed)
+    previous = None
+    for _ in range(repeats):
+        # A fresh order every repeat (seeded): a step leaves state behind for the next one
+        # (heap, page and cache state), and a fixed or rotated cycle would give every member
+        # the same predecessor each time. Nobody runs twice in a row across repeats.
+        order = list(range(len(steps)))
+        while True:
+            order_rng.shuffle(order)
+            if len(order) < 2 or order[0] != previous:
+                break
+        for j in order:
             times[j].append(steps[j]())
+        previous = order[-1]
     dense_ms, dmed = times[0], statistics.median(times[0])
     ours_ms = {(c.top_k, c.capacity_factor): t for (c, _), t in zip(members, times[1:])
                if c.impl == "ours" and c.backend == members[0][0].backend}
@@ -381,9 +389,9 @@ def group_cases(cases: list[Case]) -> list[list[Case]]:
 
     A group = same sizes and, for token routing, the same top-k (every capacity factor, ours and
     the peers); merged routers form one group. Groups of many members matter: every step leaves
-    glibc's heap in its own state for the next one (a layer that frees many mid-size blocks
-    makes the next step's allocations warm), so each step should follow a varied set of
-    others, never always the same one. fairscale (2x slower than the rest) gets a group of its
+    state behind for the next one (glibc's heap: a layer that frees many mid-size blocks makes
+    the next step's allocations warm; pages, caches), measured at up to +-10 % on this
+    kind of host, so each step should follow a varied set of others. fairscale (2x slower than the rest) gets a group of its
     own so that it does not dominate the run time; its rows use the peer repeat count.
     """
     groups: dict[tuple, list[Case]] = {}
