@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -283,6 +284,7 @@ class _GroupedFFN(torch.autograd.Function):
             by_expert.setdefault(e, []).append(i)
         total = max(1, x_MD.shape[0])
         jobs, costs, scratch = [], [], []
+        per_thread = threading.local()  # this call's scratch buffers, one per worker thread
         for e, idx in by_expert.items():
             rows = sum(blocks[i][2] - blocks[i][1] for i in idx)
             parts = max(1, min(len(idx), threads, round(threads * rows / total)))
@@ -294,7 +296,7 @@ class _GroupedFFN(torch.autograd.Function):
                     targets = {k: (None if g is None else torch.empty_like(g[e])) for k, (g, _) in grads.items()}
                     scratch.append((e, targets))
                 jobs.append(_ffn_backward_job(part, blocks, targets, x_MD, w1_EFD[e], w2_EDF[e], grad_MD,
-                                              grad_x, h_blocks, a_blocks, act_backward_))
+                                              grad_x, h_blocks, a_blocks, act_backward_, per_thread))
                 costs.append(cost_per_row * sum(blocks[i][2] - blocks[i][1] for i in part))
         _run_expert_jobs(jobs, costs, x_MD.device.type == "cpu")
         for e, targets in scratch:
@@ -305,7 +307,7 @@ class _GroupedFFN(torch.autograd.Function):
 
 
 def _ffn_backward_job(part, blocks, targets, x_MD, w1_FD, w2_DF, grad_MD, grad_x, h_blocks, a_blocks,
-                      act_backward_) -> Callable[[], None]:
+                      act_backward_, per_thread: threading.local) -> Callable[[], None]:
     """Backward of one expert's blocks `part`: input-gradient rows, and the weight gradients
     accumulated over the blocks into `targets` (the first block writes, the others add)."""
 
@@ -318,12 +320,19 @@ def _ffn_backward_job(part, blocks, targets, x_MD, w1_FD, w2_DF, grad_MD, grad_x
             torch.sum(g, dim=0, out=targets[name]) if first else targets[name].add_(g.sum(dim=0))
 
     def run() -> None:
+        # d loss / d h of every block goes through one scratch buffer per thread (a thread runs
+        # its blocks in sequence): fresh memory per block would be new pages to fault in
+        # whenever the heap is cold.
+        rows = max(blocks[i][2] - blocks[i][1] for i in part)
+        scratch_RF = getattr(per_thread, "scratch_RF", None)
+        if scratch_RF is None or scratch_RF.shape[0] < rows:
+            scratch_RF = per_thread.scratch_RF = grad_MD.new_empty(rows, w2_DF.shape[1])
         for n, i in enumerate(part):
             _, r0, r1 = blocks[i]
             g_y = grad_MD[r0:r1]
             write("w2", n == 0, g_y.t(), a_blocks[i])
             write_sum("b2", n == 0, g_y)
-            g_h = act_backward_(torch.mm(g_y, w2_DF), h_blocks[i])
+            g_h = act_backward_(torch.mm(g_y, w2_DF, out=scratch_RF[: r1 - r0]), h_blocks[i])
             if grad_x is not None:
                 torch.mm(g_h, w1_FD, out=grad_x[r0:r1])
             write("w1", n == 0, g_h.t(), x_MD[r0:r1])
