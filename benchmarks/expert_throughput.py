@@ -6,8 +6,8 @@ k x the dense FFN, measured in the same run.
     torchrun --nproc-per-node 2 benchmarks/expert_throughput.py --router token --ep   # expert-parallel
 
 Every row times one forward+backward of the layer on `tokens` tokens (d_model -> d_ff -> d_model).
-Rows doing the same work (same sizes, top-k and capacity factor; our layer and the peers) form a
-group measured together with the dense FFN on the same tokens: each repeat runs dense and every
+Rows of the same sizes and top-k (every capacity factor; our layer and the peers) form a group
+measured together with the dense FFN on the same tokens: each repeat runs dense and every
 member once, in a fresh seeded random order, after warm-up. It reports the median ms/iter and its spread
 (min..max), tokens/s, and
     ratio_to_k_dense = median over repeats of row_ms / (top_k x dense_ms of the same repeat)

@@ -225,8 +225,8 @@ class _GroupedFFN(torch.autograd.Function):
     gradient), but as one tensor per block of at most 16 MB: such blocks are recycled warm from
     glibc's heap on the next step, while one M x F buffer (50 MB for 4096 x 3072 fp32) would be
     fresh pages faulting 4 KiB at a time on every step (~15 ms per buffer on one core; the dense
-    FFN pays that for each of its activations). An expert with many rows (a merged segment, an
-    overloaded expert) is split into several blocks; in backward its weight gradient is then
+    FFN pays that for each of its activations). An expert with many rows (an overloaded expert,
+    a long dropless batch) is split into several blocks; in backward its weight gradient is then
     accumulated over the blocks, by up to one job per thread (the extra jobs sum into scratch
     buffers added at the end). Weight gradients are otherwise written in place as in
     `_GroupedLinear`.
@@ -268,11 +268,11 @@ class _GroupedFFN(torch.autograd.Function):
         act_backward_ = ACTIVATION_BACKWARDS_[ctx.activation]
         need = ctx.needs_input_grad
         grad_x = x_MD.new_empty(x_MD.shape) if need[0] else None
-        grads = {  # weight-gradient name -> (final buffer or None, expert parameter it mirrors)
-            "w1": (empty_like_large(w1_EFD, zero=idle) if need[1] else None, w1_EFD),
-            "b1": (w1_EFD.new_zeros(w1_EFD.shape[:2]) if need[2] and ctx.has_bias[0] else None, None),
-            "w2": (empty_like_large(w2_EDF, zero=idle) if need[3] else None, w2_EDF),
-            "b2": (w2_EDF.new_zeros(w2_EDF.shape[:2]) if need[4] and ctx.has_bias[1] else None, None),
+        grads = {  # weight-gradient name -> its buffer (None when not needed)
+            "w1": empty_like_large(w1_EFD, zero=idle) if need[1] else None,
+            "b1": w1_EFD.new_zeros(w1_EFD.shape[:2]) if need[2] and ctx.has_bias[0] else None,
+            "w2": empty_like_large(w2_EDF, zero=idle) if need[3] else None,
+            "b2": w2_EDF.new_zeros(w2_EDF.shape[:2]) if need[4] and ctx.has_bias[1] else None,
         }
         threads = torch.get_num_threads() if x_MD.device.type == "cpu" else 1
         cost_per_row = 4 * w1_EFD.shape[1] * x_MD.shape[1]
@@ -291,9 +291,9 @@ class _GroupedFFN(torch.autograd.Function):
             for p in range(parts):
                 part = idx[len(idx) * p // parts: len(idx) * (p + 1) // parts]
                 if p == 0:
-                    targets = {k: (None if g is None else g[e]) for k, (g, _) in grads.items()}
+                    targets = {k: (None if g is None else g[e]) for k, g in grads.items()}
                 else:
-                    targets = {k: (None if g is None else torch.empty_like(g[e])) for k, (g, _) in grads.items()}
+                    targets = {k: (None if g is None else torch.empty_like(g[e])) for k, g in grads.items()}
                     scratch.append((e, targets))
                 jobs.append(_ffn_backward_job(part, blocks, targets, x_MD, w1_EFD[e], w2_EDF[e], grad_MD,
                                               grad_x, h_blocks, a_blocks, act_backward_, per_thread))
@@ -302,8 +302,8 @@ class _GroupedFFN(torch.autograd.Function):
         for e, targets in scratch:
             for k, t in targets.items():
                 if t is not None:
-                    grads[k][0][e].add_(t)
-        return grad_x, grads["w1"][0], grads["b1"][0], grads["w2"][0], grads["b2"][0], None, None
+                    grads[k][e].add_(t)
+        return grad_x, grads["w1"], grads["b1"], grads["w2"], grads["b2"], None, None
 
 
 def _ffn_backward_job(part, blocks, targets, x_MD, w1_FD, w2_DF, grad_MD, grad_x, h_blocks, a_blocks,
