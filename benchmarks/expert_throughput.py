@@ -77,7 +77,7 @@ PRESETS = {
         d_model=768, d_ff=3072, experts=8, tokens=4096, dtype="float32",
         merged_routers=["attribute", "task", "modality"],
         token_top_k=[1, 2], capacity_factors=[1.0, 1.25, None], routing="uniform",
-        warmup=1, repeats=7, peer_repeats=3,
+        warmup=1, repeats=9, peer_repeats=3,
     ),
 }
 
