@@ -10,7 +10,11 @@ each other's shapes; there is no padding to agree on. Merged (data-independent) 
 all-gathers the expert weights, so a rank merges exactly the experts its own segments chose.
 
 Every rank of the group must call each MoE sublayer the same number of times per step (the
-collectives are matched by order), which a shared model definition guarantees.
+collectives, all-to-all for token routing and the weight all-gather for merged routing, are
+matched by order). A shared model definition is not enough where ranks run different numbers of
+forward passes in a step (Uni-Perceiver with unmixed task sampling encodes one sequence set for
+some tasks and two for others): such a caller must pad the short ranks with extra passes, which
+the trainer does not do yet, so it does not shard experts.
 
 Gradients of expert parameters: after backward, the owner holds sum over EP ranks of their
 contributions. DDP must skip these parameters (`ddp_ignored_parameter_names`); reduce them over
