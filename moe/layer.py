@@ -102,19 +102,8 @@ class MoELinear(nn.Module):
             weight_SOI, bias_SO = self.merged_weights(decision)
             y_BLO = segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice)
             return y_BLO, decision
-        batch, length, _ = x_BLI.shape
-        _check_token_decision(decision, batch, length)
         expert_fn = partial(_linear_experts, self.weight_EOI, self.bias_EO, out_slice=out_slice)
-        y_TO = run_dispatched(
-            resolve_backend(self.cfg.backend, x_BLI.device),
-            x_BLI.reshape(batch * length, -1),
-            decision.expert_ids_TK,
-            decision.gates_TK,
-            decision.plan,
-            expert_fn,
-            self.expert_parallel,
-        )
-        return y_TO.view(batch, length, -1), decision
+        return _dispatch(self.cfg, x_BLI, decision, expert_fn, self.expert_parallel), decision
 
     def merged_weights(self, decision: SegmentDecision) -> tuple[Tensor, Tensor | None]:
         """Per segment s: sum_k g[s,k] W[e[s,k]] (and the bias likewise)."""
@@ -137,6 +126,22 @@ class MoELinear(nn.Module):
 
 def _linear_experts(weight_EOI, bias_EO, x_MI, counts, out_slice=None):
     return grouped_linear(x_MI, weight_EOI, bias_EO, counts, out_slice)
+
+
+def _dispatch(cfg: MoEConfig, x_BLI: Tensor, decision: TokenDecision, expert_fn, ep: ExpertParallel) -> Tensor:
+    """Run a token decision's dispatch plan on x_BLI through the configured backend (B x L x O)."""
+    batch, length, _ = x_BLI.shape
+    _check_token_decision(decision, batch, length)
+    y_TO = run_dispatched(
+        resolve_backend(cfg.backend, x_BLI.device),
+        x_BLI.reshape(batch * length, -1),
+        decision.expert_ids_TK,
+        decision.gates_TK,
+        decision.plan,
+        expert_fn,
+        ep,
+    )
+    return y_TO.view(batch, length, -1)
 
 
 def _check_token_decision(decision: TokenDecision, batch: int, length: int) -> None:
@@ -250,21 +255,11 @@ class MoEFFN(nn.Module):
             token = segment_to_token_decision(
                 decision, self.cfg, ctx, batch, length, self.fc1.expert_parallel
             )
-        _check_token_decision(token, batch, length)
         expert_fn = partial(
             _ffn_experts, self.fc1.weight_EOI, self.fc1.bias_EO, self.fc2.weight_EOI,
             self.fc2.bias_EO, activation=self.activation,
         )
-        y_TD = run_dispatched(
-            resolve_backend(self.cfg.backend, x_BLD.device),
-            x_BLD.reshape(batch * length, -1),
-            token.expert_ids_TK,
-            token.gates_TK,
-            token.plan,
-            expert_fn,
-            self.fc1.expert_parallel,
-        )
-        return y_TD.view(batch, length, -1), decision
+        return _dispatch(self.cfg, x_BLD, token, expert_fn, self.fc1.expert_parallel), decision
 
 
 def _ffn_experts(w1_EFD, b1_EF, w2_EDF, b2_ED, x_MD, counts, activation="gelu"):
