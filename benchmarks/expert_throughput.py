@@ -24,6 +24,7 @@ import argparse
 import ctypes
 import ctypes.util
 import datetime as _dt
+import gc
 import json
 import os
 import platform
@@ -429,6 +430,47 @@ def init_distributed(device_type: str) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def measure_cases(cases: list[Case], meta: dict, ep_group, device, dtype, warmup: int, repeats: int,
+                  peer_repeats: int, cold_heap: bool, verbose: bool) -> list[dict]:
+    """Build and measure every group of cases; one row dict per case, in order.
+
+    The layers live only inside this call: under torchrun they hold the process group, which
+    must be released before `destroy_process_group` (gloo aborts at exit otherwise).
+    """
+    rows = []
+    for members in group_cases(cases):
+        group_rows, runnable = [], []
+        for case in members:
+            torch.manual_seed(0)
+            row = {**asdict(case), **meta, "status": "ok",
+                   "loadavg_1m_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            try:
+                if case.impl != "ours" and meta["world_size"] > 1:
+                    raise RuntimeError("peers are measured in single-process runs only")
+                forward = build_ours(case, ep_group) if case.impl == "ours" else build_peer(case)
+                forward.module.to(device=device, dtype=dtype)
+                if case.impl != "ours":  # a peer that cannot run on this machine fails here, alone
+                    _smoke(forward, case, device, dtype)
+                runnable.append((case, forward))
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is recorded, not fatal
+                row["status"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            group_rows.append(row)
+        if runnable:
+            torch.manual_seed(0)
+            dense = DenseFFN(members[0].d_model, members[0].d_ff).to(device=device, dtype=dtype)
+            reps = repeats if any(c.impl == "ours" for c, _ in runnable) else peer_repeats
+            measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps, cold_heap=cold_heap))
+            ok = {id(c) for c, _ in runnable}
+            for case, row in zip(members, group_rows):
+                if id(case) in ok:
+                    row.update(next(measured))
+        rows += group_rows
+        if verbose:
+            for row in group_rows:
+                print(fmt_row(row), flush=True)
+    return rows
+
+
 def fmt_row(r: dict) -> str:
     cf = "dropless" if r["capacity_factor"] is None and r["router"] not in DATA_INDEPENDENT_ROUTERS else (
         "-" if r["capacity_factor"] is None else f"{r['capacity_factor']:.2f}")
@@ -513,37 +555,8 @@ def main(argv=None) -> int:
               f"{args.dtype} fwd+bwd, warmup {warmup}, repeats {repeats} (groups without ours: {peer_repeats}), ep_size {ep_size}")
         print(HEADER)
     t_start = time.perf_counter()
-    rows = []
-    for members in group_cases(cases):
-        group_rows, runnable = [], []
-        for case in members:
-            torch.manual_seed(0)
-            row = {**asdict(case), **meta, "status": "ok",
-                   "loadavg_1m_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-            try:
-                if case.impl != "ours" and world > 1:
-                    raise RuntimeError("peers are measured in single-process runs only")
-                forward = build_ours(case, ep_group) if case.impl == "ours" else build_peer(case)
-                forward.module.to(device=device, dtype=dtype)
-                if case.impl != "ours":  # a peer that cannot run on this machine fails here, alone
-                    _smoke(forward, case, device, dtype)
-                runnable.append((case, forward))
-            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is recorded, not fatal
-                row["status"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            group_rows.append(row)
-        if runnable:
-            torch.manual_seed(0)
-            dense = DenseFFN(members[0].d_model, members[0].d_ff).to(device=device, dtype=dtype)
-            reps = repeats if any(c.impl == "ours" for c, _ in runnable) else peer_repeats
-            measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps, cold_heap=args.cold_heap))
-            ok = {id(c) for c, _ in runnable}
-            for case, row in zip(members, group_rows):
-                if id(case) in ok:
-                    row.update(next(measured))
-        rows += group_rows
-        if rank == 0:
-            for row in group_rows:
-                print(fmt_row(row), flush=True)
+    rows = measure_cases(cases, meta, ep_group, device, dtype, warmup, repeats, peer_repeats, args.cold_heap,
+                         verbose=rank == 0)
     if rank == 0:
         print(f"# {len(rows)} rows in {time.perf_counter() - t_start:.0f}s"
               + ("" if args.no_write else f"; appended to {os.path.relpath(out_path)}"))
@@ -553,6 +566,7 @@ def main(argv=None) -> int:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
     if dist.is_initialized():
+        gc.collect()  # layers (and their reference to the group) in cycles go before the group
         dist.barrier()  # gloo aborts at exit when one rank tears down while another still talks
         dist.destroy_process_group()
     return 0
