@@ -13,7 +13,10 @@ member once, in a fresh seeded random order, after warm-up. It reports the media
     ratio_to_k_dense = median over repeats of row_ms / (top_k x dense_ms of the same repeat)
 (`ratio_of_medians` = median(row) / (top_k x median(dense)) is kept too); dense is k x cheaper
 than a top-k layer that computes every routed token, so 1.0 is the floor for any exact top-k
-MoE. Merged rows (attribute/task/modality routers, released semantics) compare to 1 x dense.
+MoE on the same kernels. Merged rows (attribute/task/modality routers, released semantics)
+compare to 1 x dense. The dense FFN is PyTorch's (F.linear); where our experts run on other
+matmul kernels (oneDNN for fp32 on CPU, `moe/kernels.py`) a second dense FFN on those kernels is
+timed too, and `ratio_to_k_dense_moe_kernels` (column /kern) is the ratio against it.
 Peer rows also carry `paired_ratio_to_ours` (median of peer_ms / our_ms over the same repeats).
 Rows are appended as JSONL to benchmarks/results/expert_throughput_<preset>_<host>_<date>.jsonl
 with the machine, versions and git commit. See benchmarks/README.md.
@@ -44,6 +47,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe import MoEConfig, MoEFFN, RoutingContext  # noqa: E402
 from moe.config import DATA_INDEPENDENT_ROUTERS  # noqa: E402
+from moe.kernels import linear as moe_linear, use_onednn  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -156,12 +160,18 @@ def host_kind(device: torch.device) -> str:
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, d_model: int, d_ff: int) -> None:
+    """The dense reference: Linear, GELU, Linear. `moe_kernels=True` runs its linears through the
+    matmul kernels our experts use (`moe.kernels.linear`: oneDNN for fp32 on CPU) instead of
+    PyTorch's own F.linear, to tell our layer's overhead from the kernel's speed."""
+
+    def __init__(self, d_model: int, d_ff: int, moe_kernels: bool = False) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.linear = moe_linear if moe_kernels else F.linear
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        h = F.gelu(self.linear(x, self.fc1.weight, self.fc1.bias))
+        return self.linear(h, self.fc2.weight, self.fc2.bias)
 
 
 def build_ours(case: Case, ep_group) -> Callable:
@@ -269,19 +279,21 @@ def make_step(forward: Callable, module: nn.Module, x: torch.Tensor, grad: torch
 
 
 def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device, dtype, warmup: int, repeats: int,
-                  seed: int = 0, cold_heap: bool = False) -> list[dict]:
+                  seed: int = 0, cold_heap: bool = False, dense_moe_kernels: nn.Module | None = None) -> list[dict]:
     """Time every member of a group and the dense FFN interleaved, on the same input.
 
     Each repeat runs dense and every member once, in a fresh (seeded) random order, so all of
     them see the same machine state and a varied set of predecessors; per-repeat ratios pair each member with that
-    repeat's dense step (and, for peers, with our layer's step).
+    repeat's dense step (and, for peers, with our layer's step). `dense_moe_kernels` (the dense
+    FFN on our matmul kernels) is a second reference, timed the same way.
     """
     case0 = members[0][0]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, case0.tokens, case0.d_model, generator=g).to(device=device, dtype=dtype).requires_grad_()
     grad = torch.randn(1, case0.tokens, case0.d_model, generator=g).to(device=device, dtype=dtype)
     before = _malloc_trim() if cold_heap else None
-    steps = [make_step(dense, dense, x, grad, device, before)] + [
+    refs = [dense] + ([] if dense_moe_kernels is None else [dense_moe_kernels])
+    steps = [make_step(r, r, x, grad, device, before) for r in refs] + [
         make_step(f, f.module, x, grad, device, before) for _, f in members]
     for _ in range(warmup):
         for step in steps:
@@ -302,10 +314,12 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
             times[j].append(steps[j]())
         previous = order[-1]
     dense_ms, dmed = times[0], statistics.median(times[0])
-    ours_ms = {(c.top_k, c.capacity_factor): t for (c, _), t in zip(members, times[1:])
+    kernel_ms = times[1] if dense_moe_kernels is not None else None
+    member_ms = times[len(refs):]
+    ours_ms = {(c.top_k, c.capacity_factor): t for (c, _), t in zip(members, member_ms)
                if c.impl == "ours" and c.backend == members[0][0].backend}
     rows = []
-    for (case, forward), row_ms in zip(members, times[1:]):
+    for (case, forward), row_ms in zip(members, member_ms):
         med, k = statistics.median(row_ms), case.k_dense
         row = {
             "ms_median": round(med, 3),
@@ -322,6 +336,11 @@ def measure_group(members: list[tuple[Case, Callable]], dense: nn.Module, device
             "ratio_to_k_dense": round(statistics.median(r / (k * d) for r, d in zip(row_ms, dense_ms)), 4),
             "ratio_of_medians": round(med / (k * dmed), 4),
             "drop_rate": forward.stats.get("drop_rate"),
+            # The same ratio against the dense FFN on our matmul kernels (null where they are
+            # torch's own): what our layer costs beyond the kernel it runs on.
+            "dense_moe_kernels_ms_median": None if kernel_ms is None else round(statistics.median(kernel_ms), 3),
+            "ratio_to_k_dense_moe_kernels": None if kernel_ms is None else round(
+                statistics.median(r / (k * d) for r, d in zip(row_ms, kernel_ms)), 4),
         }
         mine = ours_ms.get((case.top_k, case.capacity_factor))
         if case.impl != "ours" and mine is not None:
@@ -458,8 +477,13 @@ def measure_cases(cases: list[Case], meta: dict, ep_group, device, dtype, warmup
         if runnable:
             torch.manual_seed(0)
             dense = DenseFFN(members[0].d_model, members[0].d_ff).to(device=device, dtype=dtype)
+            dense_kernels = None
+            if use_onednn(torch.empty(0, device=device, dtype=dtype)):  # our kernels differ from torch's
+                dense_kernels = DenseFFN(members[0].d_model, members[0].d_ff, moe_kernels=True)
+                dense_kernels.load_state_dict(dense.state_dict())
             reps = repeats if any(c.impl == "ours" for c, _ in runnable) else peer_repeats
-            measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps, cold_heap=cold_heap))
+            measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps, cold_heap=cold_heap,
+                                          dense_moe_kernels=dense_kernels))
             ok = {id(c) for c, _ in runnable}
             for case, row in zip(members, group_rows):
                 if id(case) in ok:
@@ -476,15 +500,16 @@ def fmt_row(r: dict) -> str:
         "-" if r["capacity_factor"] is None else f"{r['capacity_factor']:.2f}")
     if r["status"] != "ok":
         return f"{r['impl']:<10}{r['router']:<10}{r['backend']:<10}{r['top_k']:>3}  {cf:<9}  {r['status']}"
-    drop, vs = r.get("drop_rate"), r.get("paired_ratio_to_ours")
+    drop, vs, kern = r.get("drop_rate"), r.get("paired_ratio_to_ours"), r.get("ratio_to_k_dense_moe_kernels")
     return (f"{r['impl']:<10}{r['router']:<10}{r['backend']:<10}{r['top_k']:>3}  {cf:<9}"
             f"{r['ms_median']:>10.1f}{r['ms_min']:>9.1f}{r['ms_max']:>9.1f}{r['tokens_per_s']:>11.0f}"
             f"{r['dense_ms_median']:>10.1f}{r['ratio_to_k_dense']:>9.3f}{r['ratio_of_medians']:>8.3f}"
+            f"{'' if kern is None else f'{kern:.3f}':>8}"
             f"{'' if vs is None else f'{vs:.3f}':>8}{'' if drop is None else f'{drop:.3f}':>8}")
 
 
 HEADER = (f"{'impl':<10}{'router':<10}{'backend':<10}{'k':>3}  {'cf':<9}{'ms/iter':>10}{'min':>9}{'max':>9}"
-          f"{'tokens/s':>11}{'dense ms':>10}{'ratio':>9}{'med/med':>8}{'/ours':>8}{'drop':>8}")
+          f"{'tokens/s':>11}{'dense ms':>10}{'ratio':>9}{'med/med':>8}{'/kern':>8}{'/ours':>8}{'drop':>8}")
 
 
 def main(argv=None) -> int:

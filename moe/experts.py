@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import linear_into, linear_new
 from .memory import empty_like_large
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -126,9 +127,8 @@ class _GroupedLinear(torch.autograd.Function):
 
         def job(e: int) -> Callable[[], None]:
             rows = slice(starts[e], starts[e] + counts[e])
-            if bias_EO is None:
-                return lambda: torch.mm(x_MI[rows], weight_EOI[e].t(), out=y_MO[rows])
-            return lambda: torch.addmm(bias_EO[e], x_MI[rows], weight_EOI[e].t(), out=y_MO[rows])
+            bias_O = None if bias_EO is None else bias_EO[e]
+            return lambda: linear_into(x_MI[rows], weight_EOI[e], bias_O, y_MO[rows])
 
         active = [e for e, c in enumerate(counts) if c]
         _run_expert_jobs([job(e) for e in active], [counts[e] * out_in for e in active], x_MI.device.type == "cpu")
@@ -157,7 +157,7 @@ class _GroupedLinear(torch.autograd.Function):
                     return
                 g_cO = grad_MO[rows]
                 if grad_x is not None:
-                    torch.mm(g_cO, weight_EOI[e], out=grad_x[rows])
+                    linear_into(g_cO, weight_EOI[e].t(), None, grad_x[rows])
                 if grad_w is not None:
                     torch.mm(g_cO.t(), x_MI[rows], out=grad_w[e])
                 if grad_b is not None:
@@ -244,9 +244,9 @@ class _GroupedFFN(torch.autograd.Function):
             e, r0, r1 = blocks[i]
 
             def run() -> None:
-                h_blocks[i] = h = _linear(x_MD[r0:r1], w1_EFD[e], None if b1_EF is None else b1_EF[e])
+                h_blocks[i] = h = linear_new(x_MD[r0:r1], w1_EFD[e], None if b1_EF is None else b1_EF[e])
                 a_blocks[i] = a = act(h)
-                _linear_into(a, w2_EDF[e], None if b2_ED is None else b2_ED[e], y_MD[r0:r1])
+                linear_into(a, w2_EDF[e], None if b2_ED is None else b2_ED[e], y_MD[r0:r1])
 
             return run
 
@@ -332,23 +332,13 @@ def _ffn_backward_job(part, blocks, targets, x_MD, w1_FD, w2_DF, grad_MD, grad_x
             g_y = grad_MD[r0:r1]
             write("w2", n == 0, g_y.t(), a_blocks[i])
             write_sum("b2", n == 0, g_y)
-            g_h = act_backward_(torch.mm(g_y, w2_DF, out=scratch_RF[: r1 - r0]), h_blocks[i])
+            g_h = act_backward_(linear_into(g_y, w2_DF.t(), None, scratch_RF[: r1 - r0]), h_blocks[i])
             if grad_x is not None:
-                torch.mm(g_h, w1_FD, out=grad_x[r0:r1])
+                linear_into(g_h, w1_FD.t(), None, grad_x[r0:r1])
             write("w1", n == 0, g_h.t(), x_MD[r0:r1])
             write_sum("b1", n == 0, g_h)
 
     return run
-
-
-def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
-
-
-def _linear_into(x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    if b is None:
-        return torch.mm(x, w.t(), out=out)
-    return torch.addmm(b, x, w.t(), out=out)
 
 
 def grouped_ffn(

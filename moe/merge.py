@@ -13,9 +13,9 @@ released model's computation (OFFICIAL.md 2.3), in training and in inference.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import linear
 from .memory import empty_like_large
 
 
@@ -99,13 +99,13 @@ def segment_linear(
             f"{weight_SOI.shape[0]} routing rows for {num_segments} segments {segment_starts}"
         )
     if num_segments == 1:
-        return F.linear(x_BLI, weight_SOI[0], None if bias_SO is None else bias_SO[0])
+        return linear(x_BLI, weight_SOI[0], None if bias_SO is None else bias_SO[0])
     length = x_BLI.shape[1]
     if segment_starts[-1] >= length:
         raise ValueError(f"segment_starts {segment_starts} do not fit a sequence of {length}")
     bounds = list(segment_starts) + [length]
     pieces = [
-        F.linear(
+        linear(
             x_BLI[:, bounds[s] : bounds[s + 1]],
             weight_SOI[s],
             None if bias_SO is None else bias_SO[s],
