@@ -478,10 +478,11 @@ def measure_cases(cases: list[Case], meta: dict, ep_group, device, dtype, warmup
             torch.manual_seed(0)
             dense = DenseFFN(members[0].d_model, members[0].d_ff).to(device=device, dtype=dtype)
             dense_kernels = None
-            if use_onednn(torch.empty(0, device=device, dtype=dtype)):  # our kernels differ from torch's
+            ours_here = any(c.impl == "ours" for c, _ in runnable)
+            if ours_here and use_onednn(torch.empty(0, device=device, dtype=dtype)):  # kernels differ from torch's
                 dense_kernels = DenseFFN(members[0].d_model, members[0].d_ff, moe_kernels=True)
                 dense_kernels.load_state_dict(dense.state_dict())
-            reps = repeats if any(c.impl == "ours" for c, _ in runnable) else peer_repeats
+            reps = repeats if ours_here else peer_repeats
             measured = iter(measure_group(runnable, dense, device, dtype, warmup, reps, cold_heap=cold_heap,
                                           dense_moe_kernels=dense_kernels))
             ok = {id(c) for c, _ in runnable}

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_utils import free_port
+from moe.kernels import use_onednn
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "expert_throughput.py"
@@ -80,6 +82,13 @@ def test_tiny_grid_with_peers_writes_one_complete_row_per_case(tmp_path):
     assert len(dropless) == 2 and all(r["drop_rate"] == 0.0 for r in dropless)
     peers_ok = [r for r in rows if r["impl"] in ("deepspeed", "tutel") and r["status"] == "ok"]
     assert all(r["paired_ratio_to_ours"] > 0 for r in peers_ok)
+    # fp32 on CPU: a second dense FFN on our matmul kernels (oneDNN) is timed in groups with our layer
+    ours = [r for r in rows if r["impl"] == "ours"]
+    if use_onednn(torch.empty(0)):
+        assert all(r["ratio_to_k_dense_moe_kernels"] > 0 and r["dense_moe_kernels_ms_median"] > 0 for r in ours)
+        assert "/kern" in proc.stdout
+    fairscale = [r for r in rows if r["impl"] == "fairscale" and r["status"] == "ok"]
+    assert all(r["ratio_to_k_dense_moe_kernels"] is None for r in fairscale)  # no layer of ours in its group
     assert "ratio" in proc.stdout and "rows in" in proc.stdout
 
 
