@@ -137,7 +137,8 @@ def git_commit() -> str | None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "moe", "benchmarks"],
+        # Code only: the results files (appended by every run) and docs do not make a run dirty.
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "moe/*.py", "benchmarks/*.py"],
                                capture_output=True, text=True, timeout=10)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except Exception:  # noqa: BLE001
