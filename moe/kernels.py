@@ -10,18 +10,22 @@ fc1/fc2 forward and their input gradients), and level with MKL on the weight gra
 therefore stay on torch.mm (it writes into the preallocated gradient, oneDNN cannot). Results
 agree with torch.mm to float rounding (~1e-6 relative).
 
-Used only for float32 CPU tensors outside autocast; everything else (float64 tests, bf16, CUDA)
-goes through torch.mm / F.linear unchanged. MOE_ONEDNN=0 turns it off.
+Used only for float32 CPU tensors on x86-64 outside autocast, with oneDNN enabled
+(`torch.backends.mkldnn`); everything else (float64 tests, bf16, CUDA, ARM, where torch.mm may
+itself be oneDNN) goes through torch.mm / F.linear unchanged. Measured on AMD; on Intel CPUs MKL
+has its AVX-512 path and the two should be level. MOE_ONEDNN=0 turns it off.
 """
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def use_onednn(x: Tensor) -> bool:
@@ -30,7 +34,9 @@ def use_onednn(x: Tensor) -> bool:
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and _ONEDNN_LINEAR is not None
+        and _X86_64
         and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
         and os.environ.get("MOE_ONEDNN", "1") != "0"
     )
 
