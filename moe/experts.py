@@ -322,7 +322,8 @@ def _ffn_backward_job(part, blocks, targets, x_MD, w1_FD, w2_DF, grad_MD, grad_x
     def run() -> None:
         # d loss / d h of every block goes through one scratch buffer per thread (a thread runs
         # its blocks in sequence): fresh memory per block would be new pages to fault in
-        # whenever the heap is cold.
+        # whenever the heap is cold. (On oneDNN the product itself is such a temporary, copied
+        # in: faster on a warm heap, which a training loop has, than torch.mm writing in place.)
         rows = max(blocks[i][2] - blocks[i][1] for i in part)
         scratch_RF = getattr(per_thread, "scratch_RF", None)
         if scratch_RF is None or scratch_RF.shape[0] < rows:
