@@ -48,6 +48,4 @@ def run_dispatched(
     """sum_k gate_k * expert_{e_k}(x_t) over every token's kept slots (zeros elsewhere)."""
     # import_module: the submodule `torch` would otherwise be shadowed by the real torch here.
     impl = importlib.import_module(f".{backend}", __name__)
-    if backend == "tutel":
-        return impl.run_dispatched(x_TI, expert_ids_TK, gates_TK, plan, expert_fn, ep)
-    return impl.run_dispatched(x_TI, gates_TK, plan, expert_fn, ep)
+    return impl.run_dispatched(x_TI, expert_ids_TK, gates_TK, plan, expert_fn, ep)

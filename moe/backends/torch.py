@@ -13,8 +13,14 @@ from ..parallel import ExpertParallel, run_experts_parallel
 
 
 def run_dispatched(
-    x_TI: Tensor, gates_TK: Tensor, plan: DispatchPlan, expert_fn: ExpertFn, ep: ExpertParallel
+    x_TI: Tensor,
+    expert_ids_TK: Tensor,
+    gates_TK: Tensor,
+    plan: DispatchPlan,
+    expert_fn: ExpertFn,
+    ep: ExpertParallel,
 ) -> Tensor:
+    del expert_ids_TK  # the backends' common signature; the plan's sorted slots already encode it
     x_MI = gather_slots(x_TI, plan)
     if ep.enabled:
         y_MO = run_experts_parallel(x_MI, plan.counts, ep, expert_fn)
