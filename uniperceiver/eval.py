@@ -31,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path, overrides = parse_cli(argv)
         cfg = load_config(RunConfig, path, overrides)
+        cfg.check_data_paths("eval", cfg.eval.tasks)  # an unset $DATA_PATH fails before the model loads
         use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
         info = init_distributed("cuda" if use_cuda else "cpu")
         report = evaluate(cfg, verbose=True)

@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .engine import Trainer
 
-    result = Trainer(cfg).train()
+    try:
+        result = Trainer(cfg).train()
+    except ConfigError as exc:  # a config value found bad at use, e.g. a path with an unset $DATA_PATH
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.getLogger("uniperceiver.train").info("done: %s", result)
     du.shutdown()  # after success only: a failing rank must not wait in a barrier
     return 0

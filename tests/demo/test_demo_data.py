@@ -15,8 +15,8 @@ from uniperceiver.config.model import ModelConfig
 from uniperceiver.config.schema import DataSourceConfig, TaskConfig
 from uniperceiver.data.datasets.demo import build_demo_dataset
 from uniperceiver.data.errors import DataError
-from uniperceiver.demo import data_files as df
-from uniperceiver.demo import prepare
+from uniperceiver.data import demo_files as df
+from uniperceiver.tools.maintainer import prepare_demo_data as prepare
 from uniperceiver.tokenization import ClipTokenizer
 
 EOT, SPE = 49407, 49410

@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ..utils.resources import config_dir, find_config
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -92,7 +94,8 @@ def _read_mapping(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path} (nor a packaged config of that name under "
+                          f"{config_dir()})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML in {path}{_yaml_problem(e)}") from e
     if data is None:  # empty file or only comments
@@ -381,11 +384,15 @@ def dump_yaml(obj: Any, path: str | os.PathLike) -> None:
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 *, data: Mapping[str, Any] | None = None) -> T:
-    """YAML file (or an in-memory `data` mapping) + overrides -> validated `cls` instance."""
+    """YAML file (or an in-memory `data` mapping) + overrides -> validated `cls` instance.
+
+    `path` is a file, or a packaged config by its short name (`zeroshot/imagenet1k`, see
+    :func:`uniperceiver.utils.resources.find_config`)."""
     if path is not None and data is not None:
         raise ConfigError("load_config: pass either a config path or data, not both")
     prov: Provenance = {}
     if path is not None:
+        path = find_config(path)
         data = load_yaml(path, provenance=prov)
     data = apply_overrides(data or {}, overrides, provenance=prov)
     return from_dict(cls, data, source=None if path is None else os.fspath(path), provenance=prov)

@@ -8,9 +8,12 @@ they are expanded when the data is opened (`resolve_path`), as the release prefi
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..utils.resources import demo_data_dir
+from .loader import ConfigError
 from .model import TEMPERATURE_NAMES, ModelConfig
 
 TaskType = Literal[
@@ -51,14 +54,16 @@ DEFAULT_TEMPERATURE: dict[str, str] = {
 
 def resolve_path(path: str, data_root: str = "") -> str:
     """Expand `$VARS` and `~`; relative paths are taken under `data_root` (the release's DATA_PATH).
-    `demo:NAME` is the file NAME of the packaged demo data."""
+    `demo:NAME` is the file NAME of the packaged demo data. A variable that is not set is a
+    ConfigError naming it."""
     if path.startswith("demo:"):
-        from ..demo.data_files import demo_data_dir
-
         return str(demo_data_dir() / path[len("demo:"):])
     expanded = os.path.expanduser(os.path.expandvars(path))
     if "$" in expanded:
-        raise ValueError(f"path {path!r} uses an unset environment variable")
+        unset = sorted(set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)))
+        names = ", ".join(f"${name}" for name in unset) or "an environment variable"
+        hint = " (the datasets folder, the release's open_source_dataset/)" if "DATA_PATH" in unset else ""
+        raise ConfigError(f"path {path!r} uses {names}, which is not set: export it{hint}")
     if data_root and not os.path.isabs(expanded):
         return os.path.join(os.path.expanduser(os.path.expandvars(data_root)), expanded)
     return expanded
@@ -241,6 +246,34 @@ class RunConfig:
                 raise ValueError(
                     f"{len(self.tasks)} tasks but model.moe.routing.num_tasks={self.model.moe.routing.num_tasks}"
                 )
+
+    def resolved_data_root(self) -> str:
+        """Where relative data paths live: `data_root`, else $DATA_PATH (training and evaluation alike)."""
+        return self.data_root or os.environ.get("DATA_PATH", "")
+
+    def check_data_paths(self, split: Literal["train", "eval"], task_names: list[str] | None = None) -> None:
+        """Fail before any work (loading a checkpoint, building a model) when a data path of the
+        `split` side of the tasks (default: every task with such data) or of their target sets
+        uses an unset variable such as $DATA_PATH; the error names the config key."""
+        root = self.resolved_data_root()
+        attr = "train_data" if split == "train" else "eval_data"
+        paths: list[tuple[str, str, str]] = [("data_root", "", self.data_root)]  # (key, whose, value)
+        for i, task in enumerate(self.tasks):
+            source = getattr(task, attr)
+            if source is None or (task_names is not None and task.name not in task_names):
+                continue
+            whose = f" (task {task.name!r})"
+            paths += [(f"tasks[{i}].{attr}.{name}", whose, getattr(source, name)) for name in ("root", "annotations")]
+            ts = self.target_sets.get(task.target_set or "")
+            if ts is not None and ts.file:
+                paths.append((f"target_sets.{task.target_set}.file", whose, ts.file))
+        if split == "train" and self.train.init_from:
+            paths.append(("train.init_from", "", self.train.init_from))
+        for key, whose, value in paths:
+            try:
+                resolve_path(value, "" if key == "data_root" else root)
+            except ConfigError as e:
+                raise ConfigError(f"config key '{key}'{whose}: {e}") from None
 
     def task(self, name: str) -> TaskConfig:
         for t in self.tasks:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
 from ..train import setup_logging
+from ..utils.resources import config_dir
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug" / "tiny_cpu.yaml"
+CONFIG = config_dir() / "debug" / "tiny_cpu.yaml"
 
 
 def chance_levels(cfg: RunConfig, report) -> dict[str, dict[str, float]]:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("uniperceiver.demo")
     overrides = list(sys.argv[1:] if argv is None else argv)
     if not CONFIG.exists():
-        print(f"error: the demo config {CONFIG} is missing (run from a source checkout: pip install -e .)",
+        print(f"error: the demo config {CONFIG} is missing: the package was installed without its configs",
               file=sys.stderr)
         return 2
     try:

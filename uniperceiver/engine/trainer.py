@@ -115,12 +115,13 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         tcfg = cfg.train
+        cfg.check_data_paths("train")  # an unset $DATA_PATH fails here, before any work
         device_type = "cuda" if tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.info = du.init_distributed(device_type)
         self.rank, self.world = du.rank(), du.world_size()
         self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         self.output_dir = Path(resolve_path(tcfg.output_dir))
-        self.data_root = cfg.data_root or ""
+        self.data_root = cfg.resolved_data_root()
         self.tokenizer = ClipTokenizer()
 
         # Same initial weights on every rank (DDP also broadcasts), then per-rank randomness.

@@ -251,7 +251,7 @@ def _target_source(cfg: RunConfig, name: str) -> str:
 
 
 def _data_root(cfg: RunConfig) -> str:
-    return cfg.data_root or os.environ.get("DATA_PATH", "")
+    return cfg.resolved_data_root()
 
 
 def _norm_name(name: str) -> str:

@@ -1,8 +1,8 @@
 """The embedded offline demo data (`format: demo`): emoji, Fashion-MNIST and WordNet glosses.
 
-The files ship in `uniperceiver/demo/data/` (see `uniperceiver.demo.data_files` for their
+The files ship in `uniperceiver/demo/data/` (see `uniperceiver.data.demo_files` for their
 layout, licenses and split rules); `root` may point at another folder written by
-`python -m uniperceiver.demo.prepare --out DIR`.
+`python -m uniperceiver.tools.maintainer.prepare_demo_data --out DIR`.
 
 Options (`DataSourceConfig.options`):
 - `source`: 'emoji' | 'fashion_mnist' | 'wordnet' (required).
@@ -41,7 +41,7 @@ from torchvision.transforms import InterpolationMode
 
 from ...config.model import ModelConfig
 from ...config.schema import DataSourceConfig, TaskConfig
-from ...demo.data_files import (
+from ..demo_files import (
     demo_class_names,
     emoji_subset_indices,
     load_emoji,

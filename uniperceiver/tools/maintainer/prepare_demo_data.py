@@ -1,7 +1,7 @@
 """Build the embedded demo data from Debian packages.
 
     apt-get install fonts-noto-color-emoji unicode-data dataset-fashion-mnist wordnet-base
-    python -m uniperceiver.demo.prepare --out uniperceiver/demo/data
+    python -m uniperceiver.tools.maintainer.prepare_demo_data --out uniperceiver/demo/data
 
 Reads
 - `/usr/share/unicode/emoji/emoji-test.txt` (unicode-data): fully-qualified emoji with their CLDR
@@ -13,7 +13,7 @@ Reads
 - `/usr/share/wordnet/data.noun` (wordnet-base): noun synsets, their lexicographer file number
   (-> lexname, e.g. 05 -> noun.animal) and gloss.
 
-Writes into `--out` the files described in `uniperceiver.demo.data_files`, plus `LICENSES.md`
+Writes into `--out` the files described in `uniperceiver.data.demo_files`, plus `LICENSES.md`
 (each package's Debian copyright file, verbatim) and `manifest.json` (package versions, counts,
 sizes, sha256). Deterministic: the subsets come from `numpy.random.default_rng(--seed)` and the
 zip members carry a fixed timestamp, so the same packages + Pillow/FreeType give identical bytes.
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data_files import (
+from ...data.demo_files import (
     CLASS_NAME_FILES,
     EMOJI_FILE,
     FASHION_MNIST_CLASSES,
@@ -418,7 +418,8 @@ def package_version(package: str) -> str | None:
 _LICENSE_HEADER = """# Licenses of the embedded demo data
 
 The files in this folder are derived from the Debian packages below by
-`python -m uniperceiver.demo.prepare`. They are **modified** versions of the original data:
+`python -m uniperceiver.tools.maintainer.prepare_demo_data`. They are **modified** versions of the
+original data:
 
 - `emoji.npz` (images): Noto Color Emoji, Copyright 2013-2017 Google Inc. (Debian
   `fonts-noto-color-emoji`), glyphs drawn at 32 x 32 on white. License: SIL Open Font License 1.1
@@ -457,7 +458,8 @@ def write_licenses(path: Path, log=print) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m uniperceiver.demo.prepare", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m uniperceiver.tools.maintainer.prepare_demo_data",
+                                 description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (the packaged one: uniperceiver/demo/data)")
     ap.add_argument("--seed", type=int, default=0)
@@ -509,8 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wordnet: {info['lines']} glosses in {info['lexnames']} lexnames ({info['test_lines']} test)  "
           f"[{time.time() - t0:.1f}s]")
 
-    from ..tokenization import ClipTokenizer
-    from .data_files import VOCAB_IDS_FILE, demo_vocab_ids
+    from ...tokenization import ClipTokenizer
+    from ...data.demo_files import VOCAB_IDS_FILE, demo_vocab_ids
 
     vocab = demo_vocab_ids(ClipTokenizer(), out)
     (out / VOCAB_IDS_FILE).write_text("\n".join(map(str, vocab)) + "\n", encoding="utf-8")

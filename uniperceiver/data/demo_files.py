@@ -1,7 +1,7 @@
 """The embedded offline demo data: where it lives, how to read it, and the fixed split rules.
 
-The files under `uniperceiver/demo/data/` are written by `python -m uniperceiver.demo.prepare`
-from four Debian packages (licenses in `data/LICENSES.md`):
+The files under `uniperceiver/demo/data/` are written by the maintainer script
+`python -m uniperceiver.tools.maintainer.prepare_demo_data` from four Debian packages (licenses in `data/LICENSES.md`):
 
 - `emoji.npz`: every renderable fully-qualified emoji of Unicode's `emoji-test.txt` (without the
   skin-tone variants unless prepared with `--skin-tones`), drawn with Noto Color Emoji on white at
@@ -26,7 +26,8 @@ Split rules (deterministic, computed from the stored order, never from random dr
 - WordNet: inside each lexname, the j-th line (0-based, file order) is **test** iff `j % 5 == 4`.
 - Fashion-MNIST: the official train / test files (the subset keeps that split).
 
-Only numpy is needed here (no torch), so `prepare.py` shares the naming rules.
+Only numpy is needed here (no torch), so the maintainer script that writes the data
+(`uniperceiver/tools/maintainer/prepare_demo_data.py`) shares the naming rules.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..utils.resources import demo_data_dir
 
 __all__ = [
     "CLASS_NAME_FILES",
@@ -126,9 +129,6 @@ def emoji_heldout_subgroups(num_subgroups: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- files
-def demo_data_dir() -> Path:
-    """The packaged data folder (`uniperceiver/demo/data`)."""
-    return Path(__file__).resolve().parent / "data"
 
 
 def _root(root: str | os.PathLike | None) -> Path:
@@ -141,7 +141,7 @@ def _open_npz(path: Path, what: str) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(
             f"demo {what} file {path} not found; "
-            f"write it with `python -m uniperceiver.demo.prepare --out {path.parent}`"
+            f"write it with `python -m uniperceiver.tools.maintainer.prepare_demo_data --out {path.parent}`"
         )
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
@@ -186,7 +186,8 @@ def load_wordnet(root: str | os.PathLike | None = None) -> WordNetRows:
     path = base / WORDNET_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"demo WordNet file {path} not found; write it with `python -m uniperceiver.demo.prepare --out {base}`"
+            f"demo WordNet file {path} not found; write it with "
+            f"`python -m uniperceiver.tools.maintainer.prepare_demo_data --out {base}`"
         )
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or tuple(lines[0].split("\t")) != WORDNET_HEADER:
@@ -272,7 +273,8 @@ def demo_class_names(source: str, label: str | None = None, root: str | os.PathL
     'animal', ...)."""
     path = class_names_path(source, label, root)
     if not path.is_file():
-        raise FileNotFoundError(f"class-name file {path} not found; run `python -m uniperceiver.demo.prepare`")
+        raise FileNotFoundError(f"class-name file {path} not found; "
+                                "run `python -m uniperceiver.tools.maintainer.prepare_demo_data`")
     return _read_names(path)
 
 
