@@ -287,7 +287,7 @@ def test_build_errors(tok):
         build("image_classification", "train", source="mnist")
     with pytest.raises(ValueError, match="feeds"):
         build("text_mlm", "train", tok, source="emoji")
-    with pytest.raises(ValueError, match="unknown demo option"):
+    with pytest.raises(ValueError, match="unknown config key .options.colour."):
         build("image_classification", "train", source="emoji", colour="red")
     with pytest.raises(ValueError, match="subset"):
         build("image_classification", "train", source="fashion_mnist", subset="heldout")

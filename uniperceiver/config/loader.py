@@ -312,8 +312,8 @@ def _unknown_key(key: Any, path: str, valid: list[str], ctx: _Ctx) -> ConfigErro
     close = difflib.get_close_matches(str(key), valid, n=1)
     hint = f"; did you mean '{_join(path, close[0])}'?" if close else "."
     scope = f"under '{path}'" if path else "at top level"
-    return ConfigError(f"unknown config key '{full}'{ctx.where(full)}{hint} "
-                       f"Valid keys {scope}: {', '.join(valid)}")
+    valid_keys = f"Valid keys {scope}: {', '.join(valid)}" if valid else f"'{path}' takes no keys"
+    return ConfigError(f"unknown config key '{full}'{ctx.where(full)}{hint} {valid_keys}")
 
 
 def _from_dict(cls: type[T], data: Any, path: str, ctx: _Ctx) -> T:

@@ -20,12 +20,13 @@ Entry points: `build_dataset`, `make_collate`, `build_target_set`, `build_mixup`
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from torch.utils.data import Dataset
 
 from ..config.model import ModelConfig
-from ..config.schema import TaskConfig
+from ..config.schema import RunConfig, TaskConfig
 from ..tokenization import ClipTokenizer
 from .collate import TASK_KINDS, TaskCollate, make_collate, pad_ids
 from .errors import DataError, MediaError
@@ -41,6 +42,7 @@ __all__ = [
     "TargetSetSource",
     "TaskCollate",
     "build_dataset",
+    "check_reader_options",
     "build_image_transform",
     "build_mixup",
     "build_target_set",
@@ -65,6 +67,19 @@ _ACCEPTS = {  # format -> task types it can feed
 }
 
 
+def check_reader_options(cfg: RunConfig, split: Literal["train", "eval"]) -> None:
+    """Validate the `options` of every `split` data source against its reader's typed options
+    before any work (a ConfigError names the key and suggests the closest valid one)."""
+    from .datasets.base import read_options
+    from .readers import READERS
+
+    side = "train_data" if split == "train" else "eval_data"
+    for i, task in enumerate(cfg.tasks):
+        source = getattr(task, side)
+        if source is not None and source.format in READERS:
+            read_options(READERS[source.format].options, source, f"tasks[{i}].{side}.options", f"task {task.name!r}")
+
+
 def build_dataset(
     task: TaskConfig,
     split: Literal["train", "eval"],
@@ -83,53 +98,20 @@ def build_dataset(
     source = task.train_data if split == "train" else task.eval_data
     if source is None:
         raise ValueError(f"task {task.name!r} has no {'train_data' if split == 'train' else 'eval_data'}")
-    training = split == "train"
     fmt = source.format
-    if fmt == "demo":
-        from .datasets.demo import build_demo_dataset  # written separately; imported lazily
-
-        dataset = build_demo_dataset(task, source, split, tokenizer, model_cfg)
-        if num_classes is not None and hasattr(dataset, "check_num_classes"):
-            dataset.check_num_classes(num_classes, f"target set {task.target_set!r}")
-        return dataset
     if fmt in _ACCEPTS and task.type not in _ACCEPTS[fmt]:
         raise ValueError(f"task {task.name!r}: data format {fmt!r} feeds {list(_ACCEPTS[fmt])}, not {task.type}")
 
-    from . import datasets as ds
+    from .datasets.base import read_options
+    from .readers import READERS, ReaderContext  # the readers pull in media libraries: imported on use
 
-    if fmt == "imagenet":
-        dataset = ds.ImageNetDataset(source, build_image_transform(task, model_cfg, training), training, data_root)
-    elif fmt == "imagenet22k":
-        dataset = ds.ImageNet22kDataset(source, build_image_transform(task, model_cfg, training), training,
-                                        data_root)
-    elif fmt == "kinetics":
-        dataset = ds.KineticsDataset(source, build_video_transform(task, model_cfg, training), training,
-                                     frames=task.frames, frame_stride=task.frame_stride,
-                                     eval_clips=task.eval_clips, data_root=data_root)
-    elif fmt == "msvd":
-        dataset = ds.MsvdDataset(source, build_video_transform(task, model_cfg, training), training,
-                                 frames=task.frames, frame_stride=task.frame_stride, data_root=data_root)
-    elif fmt == "coco_karpathy":
-        dataset = ds.CocoKarpathyDataset(source, build_image_transform(task, model_cfg, training), training,
-                                         data_root)
-    elif fmt == "flickr30k":
-        dataset = ds.Flickr30kDataset(source, build_image_transform(task, model_cfg, training), training, data_root)
-    elif fmt == "mlm_corpus":
-        dataset = ds.MLMCorpusDataset(source, tokenizer, training, max_len=task.max_text_len,
-                                      probability=task.mlm_probability, data_root=data_root)
-    elif fmt == "glue":
-        dataset = ds.GlueDataset(source, tokenizer, training, max_len=task.max_text_len, data_root=data_root)
-    elif fmt == "jsonl":
-        visual = task.type.split("_")[0]
-        dataset = ds.JsonlDataset(
-            source, training, task_type=task.type,
-            image_transform=build_image_transform(task, model_cfg, training) if visual == "image" else None,
-            video_transform=build_video_transform(task, model_cfg, training) if visual == "video" else None,
-            tokenizer=tokenizer, max_len=task.max_text_len, frames=task.frames, frame_stride=task.frame_stride,
-            eval_clips=task.eval_clips, mlm_probability=task.mlm_probability, data_root=data_root,
-        )
-    else:
+    reader = READERS.get(fmt)
+    if reader is None:
         raise ValueError(f"task {task.name!r}: unknown data format {fmt!r}")
+    side = "train_data" if split == "train" else "eval_data"
+    options = read_options(reader.options, source, f"{side}.options", f"task {task.name!r}")
+    context = ReaderContext(task, replace(source, options=options), split, tokenizer, model_cfg, data_root)
+    dataset = reader.build(context)
     if num_classes is not None:
         dataset.check_num_classes(num_classes, f"target set {task.target_set!r}")
     return dataset

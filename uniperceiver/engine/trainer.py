@@ -27,7 +27,7 @@ from moe.losses import weighted_aux_loss
 
 from .. import distributed as du
 from ..config import RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
-from ..data import build_dataset, build_mixup, build_target_set, make_collate
+from ..data import build_dataset, build_mixup, build_target_set, check_reader_options, make_collate
 from ..modeling.batch import TargetSet, TaskBatch
 from ..modeling.model import UniPerceiver, load_state_dict_strict
 from ..tasks import TaskOutput, run_task
@@ -115,7 +115,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         tcfg = cfg.train
-        cfg.check_data_paths("train")  # an unset $DATA_PATH fails here, before any work
+        cfg.check_data_paths("train")  # an unset $DATA_PATH or a mistyped reader option fails here,
+        check_reader_options(cfg, "train")  # before any work
         device_type = "cuda" if tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         self.info = du.init_distributed(device_type)
         self.rank, self.world = du.rank(), du.world_size()

@@ -12,15 +12,35 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.utils.data import Dataset
 
+from ...config.loader import from_dict
 from ...config.schema import DataSourceConfig, resolve_path
 from ..errors import DataError, MediaError, malformed
 from ..rng import sample_rng, split_index
 
 logger = logging.getLogger("uniperceiver.data")
+O = TypeVar("O")
+
+
+def option(default: Any, doc: str) -> Any:
+    """A reader option: its default and the one line the options table (README) shows."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class NoOptions:
+    """The options of a format that takes none."""
+
+
+def read_options(cls: type[O], source: DataSourceConfig, path: str = "options", where: str | None = None) -> O:
+    """`source.options` as the reader's typed options `cls`, validated like the rest of the config:
+    an unknown key is a ConfigError naming it (`path`.key, from `where`) with a suggestion."""
+    if isinstance(source.options, cls):
+        return source.options
+    return from_dict(cls, source.options, path=path, source=where)
 
 
 @dataclass
@@ -55,10 +75,14 @@ class LineErrors:
 
 
 class BaseDataset(Dataset):
-    """Records + `load(record, index)`; `__getitem__` accepts an int or `(index, seed)`."""
+    """Records + `load(record, index)`; `__getitem__` accepts an int or `(index, seed)`.
+    `Options` is the dataclass of the format's `options` (read into `self.options`)."""
+
+    Options: type = NoOptions
 
     def __init__(self, source: DataSourceConfig, training: bool, data_root: str = "", name: str = "") -> None:
         self.source = source
+        self.options = read_options(self.Options, source)
         self.training = training
         self.data_root = data_root
         self.name = name or source.format

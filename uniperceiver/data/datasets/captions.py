@@ -25,12 +25,13 @@ import os
 import random
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ...config.schema import DataSourceConfig
 from ..errors import DataError, malformed
 from ..media import load_image
-from .base import BaseDataset, LineErrors, Record, read_lines
+from .base import BaseDataset, LineErrors, Record, option, read_lines
 
 
 class ImageCaptionDataset(BaseDataset):
@@ -73,7 +74,15 @@ _COCO_LAYOUT = {
 _KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
+@dataclass
+class CocoKarpathyOptions:
+    splits: list[str] | None = option(None, "Karpathy splits to take from `dataset_coco.json` (default: train -> "
+                                            "train + restval, val -> val, test -> test)")
+
+
 class CocoKarpathyDataset(ImageCaptionDataset):
+    Options = CocoKarpathyOptions
+
     def __init__(self, source: DataSourceConfig, transform: Callable, training: bool, data_root: str = "") -> None:
         super().__init__(source, training, data_root, name=f"coco_karpathy[{source.split}]")
         self.transform = transform
@@ -91,7 +100,7 @@ class CocoKarpathyDataset(ImageCaptionDataset):
             if "annotations" in data:
                 records += self._release_form(file, data, errors)
             else:
-                splits = source.options.get("splits") or _KARPATHY_SPLITS.get(source.split, (source.split,))
+                splits = self.options.splits or _KARPATHY_SPLITS.get(source.split, (source.split,))
                 records += self._karpathy_form(file, data, set(splits), errors)
         self._finish(records, errors)
 

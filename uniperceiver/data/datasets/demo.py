@@ -32,6 +32,7 @@ indexes with `(index, seed)`; masking draws from the per-sample RNG (`sample_rng
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ from ...tokenization import ClipTokenizer
 from ..errors import DataError
 from ..text import build_prompt, mask_words, split_words, truncate_keep_last
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD, input_size
-from .base import BaseDataset, Record
+from .base import BaseDataset, Record, option, read_options
 
 __all__ = [
     "DEMO_SOURCES",
@@ -75,7 +76,18 @@ DEMO_SOURCES: dict[str, tuple[str, ...]] = {
 _SUBSETS = {"emoji": ("train", "heldout", "all"), "fashion_mnist": ("train", "test"),
             "wordnet": ("train", "test", "all")}
 _EVAL_SUBSET = {"emoji": "heldout", "fashion_mnist": "test", "wordnet": "test"}
-_KNOWN_OPTIONS = {"source", "subset", "label", "skin_tones", "mode", "with_lemma", "template"}
+
+
+@dataclass
+class DemoOptions:
+    source: str | None = option(None, f"{' | '.join(DEMO_SOURCES)} (required)")
+    subset: str | None = option(None, "emoji train / heldout / all, fashion_mnist train / test, wordnet train / test / "
+                                      "all (default: `split` unless train, else by training or evaluation)")
+    label: str = option("group", "emoji classification labels: group (9) or subgroup (99)")
+    skin_tones: bool = option(False, "emoji: keep the skin-tone variants if the data has them")
+    mode: str | None = option(None, "wordnet: mlm or classification (default: from the task type)")
+    with_lemma: bool = option(True, "wordnet: the text is 'lemma: gloss' instead of the gloss alone")
+    template: str = option(DEMO_TEXT_TEMPLATE, "wordnet classification prompt with `{s1}` and one `<|spe|>`")
 
 
 def demo_image_transform(size: int):
@@ -88,7 +100,7 @@ def demo_image_transform(size: int):
 
 
 def _subset(source: str, source_cfg: DataSourceConfig, training: bool) -> str:
-    subset = source_cfg.options.get("subset")
+    subset = read_options(DemoOptions, source_cfg).subset
     if subset is None and source_cfg.split != "train":
         subset = source_cfg.split
     if subset is None:
@@ -101,12 +113,14 @@ def _subset(source: str, source_cfg: DataSourceConfig, training: bool) -> str:
 class DemoImageDataset(BaseDataset):
     """Emoji or Fashion-MNIST images held in memory (uint8)."""
 
+    Options = DemoOptions
+
     def __init__(self, source_cfg: DataSourceConfig, task_type: str, training: bool, size: int,
                  data_root: str = "") -> None:
-        opts = source_cfg.options
-        self.source_name = opts["source"]
+        self.source_name = read_options(DemoOptions, source_cfg).source
         subset = _subset(self.source_name, source_cfg, training)
         super().__init__(source_cfg, training, data_root, name=f"demo[{self.source_name}:{subset}]")
+        opts = self.options
         self.task_type = task_type
         self.subset = subset
         self.size = size
@@ -115,10 +129,10 @@ class DemoImageDataset(BaseDataset):
         records: list[Record] = []
         if self.source_name == "emoji":
             data = load_emoji(root)
-            self.label_kind = opts.get("label", "group")
+            self.label_kind = opts.label
             if self.label_kind not in ("group", "subgroup"):
                 raise ValueError(f"demo emoji: options.label must be 'group' or 'subgroup', got {self.label_kind!r}")
-            idx = emoji_subset_indices(data, subset, skin_tones=bool(opts.get("skin_tones", False)))
+            idx = emoji_subset_indices(data, subset, skin_tones=opts.skin_tones)
             self.images = data["images"]
             labels = data[self.label_kind]
             names = data["names"]
@@ -163,6 +177,8 @@ class DemoImageDataset(BaseDataset):
 class DemoTextDataset(BaseDataset):
     """WordNet noun glosses: an MLM corpus or gloss -> lexname classification."""
 
+    Options = DemoOptions
+
     def __init__(self, source_cfg: DataSourceConfig, tokenizer: ClipTokenizer, training: bool, *, mode: str,
                  max_len: int, probability: float = 0.15, data_root: str = "") -> None:
         subset = _subset("wordnet", source_cfg, training)
@@ -171,16 +187,16 @@ class DemoTextDataset(BaseDataset):
             raise ValueError(f"demo wordnet: options.mode must be 'mlm' or 'classification', got {mode!r}")
         if tokenizer is None:
             raise ValueError("demo wordnet needs a tokenizer")
-        opts = source_cfg.options
+        opts = self.options
         self.subset = subset
         self.mode = mode
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.probability = probability
-        self.template = opts.get("template", DEMO_TEXT_TEMPLATE)
+        self.template = opts.template
         if mode == "classification" and ("{s1}" not in self.template or "<|spe|>" not in self.template):
             raise ValueError(f"demo wordnet: template {self.template!r} needs {{s1}} and <|spe|>")
-        with_lemma = bool(opts.get("with_lemma", True))
+        with_lemma = opts.with_lemma
         root = self.root or None
         rows = load_wordnet(root)
         self.class_names = demo_class_names("wordnet", None, root)
@@ -208,11 +224,8 @@ def build_demo_dataset(task: TaskConfig, source_cfg: DataSourceConfig, split: st
                        data_root: str = "") -> BaseDataset:
     """The demo dataset of one task: `split` 'train' = training (index with `(index, seed)`),
     anything else = evaluation. See the module docstring for the options."""
-    opts = source_cfg.options
-    unknown = sorted(set(opts) - _KNOWN_OPTIONS)
-    if unknown:
-        raise ValueError(f"task {task.name}: unknown demo option(s) {unknown}; known: {sorted(_KNOWN_OPTIONS)}")
-    source = opts.get("source")
+    opts = read_options(DemoOptions, source_cfg, where=f"task {task.name!r}")
+    source = opts.source
     if source not in DEMO_SOURCES:
         raise ValueError(f"task {task.name}: options.source must be one of {list(DEMO_SOURCES)}, got {source!r}")
     if task.type not in DEMO_SOURCES[source]:
@@ -222,7 +235,7 @@ def build_demo_dataset(task: TaskConfig, source_cfg: DataSourceConfig, split: st
     try:
         if source == "wordnet":
             default_mode = "mlm" if task.type == "text_mlm" else "classification"
-            mode = opts.get("mode", default_mode)
+            mode = opts.mode or default_mode
             if mode != default_mode:
                 raise ValueError(f"task {task.name}: options.mode {mode!r} does not fit task type {task.type}")
             return DemoTextDataset(source_cfg, tokenizer, training, mode=mode, max_len=task.max_text_len,

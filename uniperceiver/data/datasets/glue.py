@@ -13,12 +13,13 @@ classified against the task's verbaliser target set. Samples: `ids`, `spe_index`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ...config.schema import DataSourceConfig
 from ...tokenization import ClipTokenizer
 from ..text import build_prompt
-from .base import BaseDataset, LineErrors, Record, pick_file, read_lines
+from .base import BaseDataset, LineErrors, Record, option, pick_file, read_lines
 
 # task -> (template, drop a final '.' of the first sentence, default label names)
 GLUE_PROMPTS: dict[str, tuple[str, bool, list[str] | None]] = {
@@ -32,24 +33,41 @@ GLUE_PROMPTS: dict[str, tuple[str, bool, list[str] | None]] = {
 }
 
 
+@dataclass
+class GlueOptions:
+    task: str | None = option(None, f"a GLUE task ({', '.join(GLUE_PROMPTS)}): its prompt, label names and "
+                                    "period rule as defaults")
+    template: str | None = option(None, "the prompt, with `{s1}`[, `{s2}`] and one `<|spe|>` (default: the task's, "
+                                        "else the SST-2 / MNLI one by sentence count)")
+    skip_header: bool = option(False, "drop the TSV's first line")
+    sentence_columns: list[int] | None = option(None, "0-based sentence columns (default: all but the last)")
+    label_column: int = option(-1, "0-based label column")
+    label_names: list[str] | None = option(None, "label names in class order, for name labels (default: the task's)")
+    strip_period: bool | None = option(None, "drop a final '.' of the first sentence (default: the task's rule)")
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in GLUE_PROMPTS:
+            raise ValueError(f"options.task {self.task!r} is not one of {sorted(GLUE_PROMPTS)}")
+
+
 class GlueDataset(BaseDataset):
+    Options = GlueOptions
+
     def __init__(self, source: DataSourceConfig, tokenizer: ClipTokenizer, training: bool, *, max_len: int,
                  data_root: str = "") -> None:
         super().__init__(source, training, data_root, name=f"glue[{source.split}]")
         self.tokenizer = tokenizer
         self.max_len = max_len
-        opts = source.options
-        task = opts.get("task")
-        if task is not None and task not in GLUE_PROMPTS:
-            raise ValueError(f"options.task {task!r} is not one of {sorted(GLUE_PROMPTS)}")
+        opts = self.options
+        task = opts.task
         ann_file = pick_file(self.annotations or self.root, [f"{source.split}.tsv"], "GLUE TSV")
         lines = read_lines(ann_file, "GLUE TSV")
-        first = 1 if opts.get("skip_header", False) else 0
-        sentence_cols = opts.get("sentence_columns")
-        label_col = opts.get("label_column", -1)
+        first = 1 if opts.skip_header else 0
+        sentence_cols = opts.sentence_columns
+        label_col = opts.label_column
         default_template, strip, default_names = GLUE_PROMPTS.get(task or "", (None, False, None))
-        self.label_names: list[str] | None = opts.get("label_names", default_names)
-        self.strip_period = bool(opts.get("strip_period", strip))
+        self.label_names: list[str] | None = opts.label_names if opts.label_names is not None else default_names
+        self.strip_period = opts.strip_period if opts.strip_period is not None else strip
         errors = LineErrors(source.on_error)
         records = []
         for no, line in enumerate(lines[first:], start=first + 1):
@@ -74,7 +92,7 @@ class GlueDataset(BaseDataset):
             records.append(Record({"sentences": sentences, "label": label, "id": no}, ann_file, no))
         self._finish(records, errors)
         n_sent = len(self.records[0].data["sentences"])
-        self.template = opts.get("template") or default_template or (
+        self.template = opts.template or default_template or (
             GLUE_PROMPTS["SST-2"][0] if n_sent == 1 else GLUE_PROMPTS["MNLI"][0])
         for k in range(n_sent):
             if f"{{s{k + 1}}}" not in self.template:

@@ -27,27 +27,42 @@ def _parse_label(text: str) -> int | None:
 
 
 class ImageNetDataset(BaseDataset):
+    """ImageNet-1k: a list of `relpath class_id` lines, images at `root/{split}/relpath`. The
+    ImageNet-22k reader differs only in where the list is and how a line reads (`_list_file`,
+    `_parse`)."""
+
+    what = "ImageNet list"
+    line_format = "'relative/path.JPEG class_id' (an integer >= 0)"
+
     def __init__(self, source: DataSourceConfig, transform: Callable, training: bool, data_root: str = "") -> None:
-        super().__init__(source, training, data_root, name=f"imagenet[{source.split}]")
+        super().__init__(source, training, data_root, name=f"{source.format}[{source.split}]")
         self.transform = transform
-        split = source.split
-        ann = self.annotations or os.path.join(self.root, "meta")
-        ann_file = pick_file(ann, [f"{split}.txt"], "ImageNet list")
-        self.image_dir = os.path.join(self.root, split)
+        ann_file = self._list_file()
         errors = LineErrors(source.on_error)
         records = []
-        for no, line in enumerate(read_lines(ann_file, "ImageNet list"), start=1):
+        for no, line in enumerate(read_lines(ann_file, self.what), start=1):
             if not line.strip():
                 continue
-            fields = line.split()
-            label = _parse_label(fields[-1]) if len(fields) >= 2 else None
-            if len(fields) < 2 or label is None:
-                errors.report(ann_file, no, f"expected 'relative/path.JPEG class_id' (an integer >= 0), got {line!r}")
+            parsed = self._parse(line)
+            if parsed is None:
+                errors.report(ann_file, no, f"expected {self.line_format}, got {line!r}")
                 continue
-            # Paths may contain spaces: everything before the last field is the path.
-            rel = line.rsplit(None, 1)[0].strip()
-            records.append(Record({"path": rel, "label": label}, ann_file, no))
+            records.append(Record({"path": parsed[0], "label": parsed[1]}, ann_file, no))
         self._finish(records, errors)
+
+    def _list_file(self) -> str:
+        """The list file; sets `image_dir`, the folder the listed paths are relative to."""
+        self.image_dir = os.path.join(self.root, self.source.split)
+        return pick_file(self.annotations or os.path.join(self.root, "meta"), [f"{self.source.split}.txt"], self.what)
+
+    @staticmethod
+    def _parse(line: str) -> tuple[str, int] | None:
+        fields = line.split()
+        label = _parse_label(fields[-1]) if len(fields) >= 2 else None
+        if label is None:
+            return None
+        # Paths may contain spaces: everything before the last field is the path.
+        return line.rsplit(None, 1)[0].strip(), label
 
     def labels(self) -> list[int]:
         return [r.data["label"] for r in self.records]
@@ -58,30 +73,22 @@ class ImageNetDataset(BaseDataset):
         return {"image": self.transform(img), "label": record.data["label"], "id": record.data["path"]}
 
 
-class ImageNet22kDataset(BaseDataset):
-    def __init__(self, source: DataSourceConfig, transform: Callable, training: bool, data_root: str = "") -> None:
-        super().__init__(source, training, data_root, name=f"imagenet22k[{source.split}]")
-        self.transform = transform
-        ann_file = pick_file(self.annotations or self.root, ["imagenet_22k_filelist_short.txt",
-                                                             "imagenet_22k_filelist.txt"], "ImageNet-22k file list")
-        errors = LineErrors(source.on_error)
-        records = []
-        for no, line in enumerate(read_lines(ann_file, "ImageNet-22k file list"), start=1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            label = _parse_label(fields[2]) if len(fields) == 3 else None
-            if label is None:
-                errors.report(ann_file, no, f"expected 'wnid idx class_id' (3 fields, integer class_id), got {line!r}")
-                continue
-            wnid, idx = fields[0], fields[1]
-            records.append(Record({"path": f"{wnid}/{wnid}_{idx}.JPEG", "label": label}, ann_file, no))
-        self._finish(records, errors)
+class ImageNet22kDataset(ImageNetDataset):
+    """ImageNet-22k: a file list of `wnid idx class_id` lines, images at `root/wnid/wnid_idx.JPEG`."""
 
-    def labels(self) -> list[int]:
-        return [r.data["label"] for r in self.records]
+    what = "ImageNet-22k file list"
+    line_format = "'wnid idx class_id' (3 fields, integer class_id)"
 
-    def load(self, record: Record, index: int) -> dict[str, Any]:
-        path = os.path.join(self.root, record.data["path"])
-        img = load_image(path, record.annotation, record.line)
-        return {"image": self.transform(img), "label": record.data["label"], "id": record.data["path"]}
+    def _list_file(self) -> str:
+        self.image_dir = self.root
+        return pick_file(self.annotations or self.root, ["imagenet_22k_filelist_short.txt",
+                                                         "imagenet_22k_filelist.txt"], self.what)
+
+    @staticmethod
+    def _parse(line: str) -> tuple[str, int] | None:
+        fields = line.split()
+        label = _parse_label(fields[2]) if len(fields) == 3 else None
+        if label is None:
+            return None
+        wnid, idx = fields[0], fields[1]
+        return f"{wnid}/{wnid}_{idx}.JPEG", label

@@ -16,6 +16,7 @@ import json
 import os
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ...config.schema import DataSourceConfig
@@ -23,14 +24,30 @@ from ...tokenization import ClipTokenizer
 from ..errors import DataError
 from ..media import load_image
 from ..text import build_prompt, mask_words, split_words, truncate_keep_last
-from .base import BaseDataset, LineErrors, Record, read_lines
+from .base import BaseDataset, LineErrors, Record, option, read_lines
 from .glue import GLUE_PROMPTS
 from .kinetics import load_video_views
 
 _INPUTS = ("image", "video", "text")
 
 
+@dataclass
+class JsonlOptions:
+    class_names: str | None = option(None, "class-name file (one class a line, synonyms `a|b`) for name labels, "
+                                           "relative to the data root")
+    classes: list[str] | None = option(None, "the class names inline, instead of `class_names`")
+    template: str | None = option(None, "text classification prompt with `{s1}` and one `<|spe|>` "
+                                        "(default: the `task`'s)")
+    task: str = option("SST-2", "the GLUE task whose prompt is the default `template`")
+
+    def __post_init__(self) -> None:
+        if self.task not in GLUE_PROMPTS:
+            raise ValueError(f"options.task {self.task!r} is not one of {sorted(GLUE_PROMPTS)}")
+
+
 class JsonlDataset(BaseDataset):
+    Options = JsonlOptions
+
     def __init__(self, source: DataSourceConfig, training: bool, *, task_type: str,
                  image_transform: Callable | None = None, video_transform: Callable | None = None,
                  tokenizer: ClipTokenizer | None = None, max_len: int = 50, frames: int = 1,
@@ -44,8 +61,8 @@ class JsonlDataset(BaseDataset):
         self.max_len = max_len
         self.frames, self.frame_stride, self.eval_clips = frames, frame_stride, eval_clips
         self.mlm_probability = mlm_probability
-        opts = source.options
-        self.template = opts.get("template") or GLUE_PROMPTS[opts.get("task", "SST-2")][0]
+        opts = self.options
+        self.template = opts.template or GLUE_PROMPTS[opts.task][0]
         self.class_names = self._classes(opts)
         self.num_classes = len(self.class_names) if self.class_names else None
         lookup = {n: i for i, names in enumerate(self.class_names or []) for n in names}
@@ -75,13 +92,13 @@ class JsonlDataset(BaseDataset):
         # Media paths are relative to `root`, or to the manifest's folder when no root is set.
         self.media_root = self.root or os.path.dirname(ann_file)
 
-    def _classes(self, opts: dict[str, Any]) -> list[list[str]] | None:
+    def _classes(self, opts: JsonlOptions) -> list[list[str]] | None:
         from ..target_sets import read_class_names
 
-        if opts.get("class_names"):
-            return read_class_names(self.path(opts["class_names"]))
-        if opts.get("classes"):
-            return [[n.strip() for n in str(c).split("|")] for c in opts["classes"]]
+        if opts.class_names:
+            return read_class_names(self.path(opts.class_names))
+        if opts.classes:
+            return [[n.strip() for n in str(c).split("|")] for c in opts.classes]
         return None
 
     def _check(self, obj: Any, lookup: dict[str, int]) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -25,7 +26,7 @@ from ...config.schema import DataSourceConfig
 from ..errors import DataError, malformed
 from ..media import read_video_frames
 from ..transforms import VideoTransform
-from .base import BaseDataset, LineErrors, Record, pick_file, read_lines
+from .base import BaseDataset, LineErrors, Record, option, pick_file, read_lines
 
 
 def load_video_views(path: str, transform: VideoTransform, frames: int, frame_stride: int, training: bool,
@@ -55,7 +56,19 @@ def _norm(label: str) -> str:
     return label.strip().replace(" ", "_")
 
 
+@dataclass
+class KineticsOptions:
+    extension: str = option("", "video file extension ('' = the common ones are tried)")
+    subset: str | None = option(None, "annotation subset and video folder (default `training` for split train, "
+                                      "else `validation`)")
+    annotation_file: str = option("annotation.json", "the annotation file's name when `annotations` is a folder")
+    category_mapping: str | None = option(None, "the `class name<TAB>index` file (default `category_mapping.txt` "
+                                                "beside the annotations)")
+
+
 class KineticsDataset(BaseDataset):
+    Options = KineticsOptions
+
     def __init__(self, source: DataSourceConfig, transform: VideoTransform, training: bool, *, frames: int,
                  frame_stride: int, eval_clips: int = 1, data_root: str = "") -> None:
         super().__init__(source, training, data_root, name=f"kinetics[{source.split}]")
@@ -63,13 +76,12 @@ class KineticsDataset(BaseDataset):
         self.frames = frames
         self.frame_stride = frame_stride
         self.eval_clips = eval_clips
-        opts = source.options
-        self.extension = str(opts.get("extension", ""))
-        subset = opts.get("subset") or ("training" if source.split in ("train", "training") else "validation")
+        opts = self.options
+        self.extension = opts.extension
+        subset = opts.subset or ("training" if source.split in ("train", "training") else "validation")
         self.subset = subset
-        ann_file = pick_file(self.annotations or self.root, [opts.get("annotation_file", "annotation.json")],
-                             "Kinetics annotation file")
-        cat_file = self.path(opts["category_mapping"]) if opts.get("category_mapping") else os.path.join(
+        ann_file = pick_file(self.annotations or self.root, [opts.annotation_file], "Kinetics annotation file")
+        cat_file = self.path(opts.category_mapping) if opts.category_mapping else os.path.join(
             os.path.dirname(ann_file), "category_mapping.txt")
         self.category_file = cat_file
         self.class_names, cls2idx = self._read_categories(cat_file, source.on_error)

@@ -16,23 +16,34 @@ import os
 from array import array
 from typing import Any
 
+from dataclasses import dataclass
+
 from ...config.schema import DataSourceConfig
 from ...tokenization import ClipTokenizer
 from ..errors import DataError
 from ..text import mask_words, split_words, truncate_keep_last
-from .base import BaseDataset, Record
+from .base import BaseDataset, Record, option
+
+
+@dataclass
+class MLMCorpusOptions:
+    min_words: int = option(128, "a sample joins lines until it holds at least this many basic words")
+
+    def __post_init__(self) -> None:
+        if self.min_words < 1:
+            raise ValueError(f"options.min_words must be >= 1, got {self.min_words}")
 
 
 class MLMCorpusDataset(BaseDataset):
+    Options = MLMCorpusOptions
+
     def __init__(self, source: DataSourceConfig, tokenizer: ClipTokenizer, training: bool, *, max_len: int,
                  probability: float = 0.15, data_root: str = "") -> None:
         super().__init__(source, training, data_root, name=f"mlm_corpus[{source.split}]")
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.probability = probability
-        self.min_words = int(source.options.get("min_words", 128))
-        if self.min_words < 1:
-            raise ValueError(f"options.min_words must be >= 1, got {self.min_words}")
+        self.min_words = self.options.min_words
         spec = source.annotations or source.root
         self.files = [self.path(p) for p in spec.split("+")] if spec else []
         if not self.files:

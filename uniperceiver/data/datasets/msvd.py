@@ -17,20 +17,29 @@ import random
 from collections import defaultdict
 from typing import Any
 
+from dataclasses import dataclass
+
 from ...config.schema import DataSourceConfig
 from ..errors import DataError, malformed
 from ..media import resolve_video_path
 from ..transforms import VideoTransform
-from .base import BaseDataset, LineErrors, Record
+from .base import BaseDataset, LineErrors, Record, option
 from .kinetics import load_video_views
 
 
+@dataclass
+class MsvdOptions:
+    extension: str = option("", "video file extension added to `file_name` ('' = as listed, else the common ones tried)")
+
+
 class MsvdDataset(BaseDataset):
+    Options = MsvdOptions
+
     def __init__(self, source: DataSourceConfig, transform: VideoTransform, training: bool, *, frames: int,
                  frame_stride: int, data_root: str = "") -> None:
         super().__init__(source, training, data_root, name=f"msvd[{source.split}]")
         self.transform, self.frames, self.frame_stride = transform, frames, frame_stride
-        self.extension = str(source.options.get("extension", ""))
+        self.extension = self.options.extension
         ann = self.annotations
         if os.path.isdir(ann):
             ann = os.path.join(ann, f"caption_msvd_{source.split}_cocostyle.json")
