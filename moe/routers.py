@@ -193,30 +193,35 @@ class AttributeRouter(_SegmentRouter):
         return self.tag_transform(ctx.attributes_SA.to(device=weight.device, dtype=weight.dtype))
 
 
-class TaskRouter(_SegmentRouter):
+class _IdRouter(_SegmentRouter):
+    """Gate on a learned embedding of one id per segment: `RoutingContext.<ids_field>`, fewer than
+    `MoEConfig.<count_field>`."""
+
+    kind: str  # for the error message
+    ids_field: str
+    count_field: str
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__(d_model, cfg)
+        self.embedding = nn.Embedding(getattr(cfg, self.count_field), d_model)
+
+    def embed(self, ctx: RoutingContext) -> Tensor:
+        ids_S = getattr(ctx, self.ids_field)
+        if ids_S is None:
+            raise ValueError(f"{self.kind} router needs RoutingContext.{self.ids_field}")
+        return self.embedding(ids_S.to(self.embedding.weight.device))
+
+
+class TaskRouter(_IdRouter):
     """Gate on a learned embedding of the task id (one decision per task)."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
-        super().__init__(d_model, cfg)
-        self.embedding = nn.Embedding(cfg.num_tasks, d_model)
-
-    def embed(self, ctx: RoutingContext) -> Tensor:
-        if ctx.task_ids_S is None:
-            raise ValueError("task router needs RoutingContext.task_ids_S")
-        return self.embedding(ctx.task_ids_S.to(self.embedding.weight.device))
+    kind, ids_field, count_field = "task", "task_ids_S", "num_tasks"
 
 
-class ModalityRouter(_SegmentRouter):
+class ModalityRouter(_IdRouter):
     """Gate on a learned embedding of the segment's modality id."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
-        super().__init__(d_model, cfg)
-        self.embedding = nn.Embedding(cfg.num_modalities, d_model)
-
-    def embed(self, ctx: RoutingContext) -> Tensor:
-        if ctx.modality_ids_S is None:
-            raise ValueError("modality router needs RoutingContext.modality_ids_S")
-        return self.embedding(ctx.modality_ids_S.to(self.embedding.weight.device))
+    kind, ids_field, count_field = "modality", "modality_ids_S", "num_modalities"
 
 
 def uniform_expert_ids(num_tokens: int, cfg: MoEConfig, device: torch.device) -> Tensor:

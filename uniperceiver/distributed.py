@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .config.loader import ConfigError
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -78,6 +80,19 @@ def world_info(environ: dict[str, str] | None = None) -> WorldInfo:
             source="slurm",
         )
     return WorldInfo()
+
+
+def pick_device_type(want: str) -> str:
+    """`train.device` ('auto' | 'cpu' | 'cuda') -> 'cuda' or 'cpu'; auto takes CUDA when present.
+    Training, evaluation and the eval command all choose here."""
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but CUDA is not available")
+    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def local_device(device_type: str) -> torch.device:
+    """This process's device of `device_type` (CUDA: the one `init_distributed` selected)."""
+    return torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
 
 
 def init_distributed(device_type: str = "cpu", timeout_s: float = 1800.0) -> WorldInfo:

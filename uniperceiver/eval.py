@@ -15,11 +15,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import torch
-
 from .config import ConfigError, RunConfig, load_config, parse_cli
 from .data.errors import DataError
-from .distributed import init_distributed, shutdown
+from .distributed import init_distributed, pick_device_type, shutdown
 from .evaluation.evaluators import EvalInputError
 from .evaluation.runner import evaluate, output_path, write_report
 
@@ -32,8 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path, overrides = parse_cli(argv)
         cfg = load_config(RunConfig, path, overrides)
         cfg.check_data_paths("eval", cfg.eval.tasks)  # an unset $DATA_PATH fails before the model loads
-        use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-        info = init_distributed("cuda" if use_cuda else "cpu")
+        info = init_distributed(pick_device_type(cfg.train.device))
         report = evaluate(cfg, verbose=True)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -95,3 +95,32 @@ def test_cli_writes_a_loadable_file(tmp_path: Path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert convert_main(["--from", "official", str(bad), str(dst)]) == 1
     assert "bad.pth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_to_official_command_round_trips(tmp_path: Path, capsys, moe):
+    """ours -> official (`--to official`) -> ours (the `--from` command it prints) is the same model."""
+    import shlex
+
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=2, d_ffn=64, image_size=48, patch_size=16,
+                      posembed_scale=0.5, layer_scale_init=0.3, moe=ModelMoEConfig(enabled=moe))
+    torch.manual_seed(1)
+    model = UniPerceiver(cfg)
+    ours, official, back = tmp_path / "ours.pt", tmp_path / "official.pth", tmp_path / "back.pt"
+    model.save_pretrained(ours)
+    assert convert_main(["--to", "official", str(ours), str(official)]) == 0
+    printed = capsys.readouterr().out
+    blob = torch.load(official, weights_only=True)
+    assert set(blob) == {"model"} and "fused_encoder.layers.0.norm1.weight" in blob["model"]
+    line = next(ln for ln in printed.splitlines() if ln.startswith("back: "))
+    args = shlex.split(line)[4:]  # after `back: python -m uniperceiver.convert`
+    assert args[:2] == ["--from", "official" if moe else "official-dense"]
+    assert "--num-heads" in args and "posembed_scale=0.5" in args  # what the shapes cannot tell
+    args[3] = str(back)
+    assert convert_main(args) == 0
+    restored = UniPerceiver.from_pretrained(back)
+    _same(model, restored)
+    assert restored.cfg == model.cfg
+    # a file that is not ours fails naming it
+    assert convert_main(["--to", "official", str(official), str(tmp_path / "x.pth")]) == 1
+    assert "official.pth" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from conftest import task
 from uniperceiver.config import DataSourceConfig
-from uniperceiver.data import build_dataset, derive_seed, sample_rng, split_index
+from uniperceiver.data import build_dataset, mix_seed, sample_rng, split_index
 
 
 def test_sample_rng_seeds_and_restores() -> None:
@@ -27,10 +27,15 @@ def test_sample_rng_seeds_and_restores() -> None:
         pass
 
 
-def test_derive_seed_and_split_index() -> None:
-    assert derive_seed(0, 5, 3) == derive_seed(0, 5, 3) != derive_seed(0, 3, 5)
+def test_mix_seed_and_split_index() -> None:
+    assert mix_seed(0, 5, 3, bits=32) == mix_seed(0, 5, 3, bits=32) != mix_seed(0, 3, 5, bits=32)
     assert split_index((4, 99)) == (4, 99)
-    assert split_index(4) == (4, derive_seed(4))
+    assert split_index(4) == (4, mix_seed(4, bits=32))
+    # The numbers of the two mixers it replaced (data.rng.derive_seed: 32 bits, engine.sampler.mix_seed:
+    # 63 bits), so sample seeds, task draws and resumed runs stay bit-identical.
+    assert mix_seed(0, 5, 3, bits=32) == 3716799053 and mix_seed(4, bits=32) == 1490961094
+    assert mix_seed(1, 0x7A5C, 0, 5) == 2416870116453235506 and mix_seed(7, 0x5EED, 2, 1, 9) == 6125840649551202109
+    assert mix_seed(-1) == mix_seed((1 << 63) - 1)  # parts are taken modulo 2**63, as the sampler did
 
 
 def _imagenet_train(imagenet_tree: Path, tok):
@@ -52,7 +57,7 @@ def test_augmentation_depends_only_on_seed(imagenet_tree: Path, tok) -> None:
 
 def test_same_samples_with_and_without_workers(imagenet_tree: Path, tok) -> None:
     ds = _imagenet_train(imagenet_tree, tok)
-    order = [(i % 2, derive_seed(0, i)) for i in range(6)]
+    order = [(i % 2, mix_seed(0, i, bits=32)) for i in range(6)]
 
     def run(workers: int) -> torch.Tensor:
         loader = DataLoader(ds, batch_size=3, sampler=order, num_workers=workers,

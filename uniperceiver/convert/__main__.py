@@ -1,21 +1,28 @@
 """python -m uniperceiver.convert --from {official,deepspeed,official-dense} IN OUT [options]
+python -m uniperceiver.convert --to official IN OUT
 
-Writes a file that `UniPerceiver.from_pretrained` loads. Model sizes come from the tensor shapes;
-what shapes cannot tell (heads, or a resolution other than the checkpoint's) comes from
+--from writes a file that `UniPerceiver.from_pretrained` loads. Model sizes come from the tensor
+shapes; what shapes cannot tell (heads, or a resolution other than the checkpoint's) comes from
 `--num-heads` or `--set key=value` (model config keys, e.g. image_size=224 posembed_scale=0.7142857).
+--to official writes our model file IN as an official checkpoint (for the release's code) and
+prints the --from command that converts it back to IN.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .api import convert_file
+from .export import export_official_file
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniperceiver.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="fmt", required=True, choices=["official", "deepspeed", "official-dense"])
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="fmt", choices=["official", "deepspeed", "official-dense"])
+    direction.add_argument("--to", dest="to", choices=["official"], help="our model file -> an official checkpoint")
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--num-heads", type=int, default=None,
@@ -27,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="add video_embed.embeddings_type to the patch bias (default for deepspeed)")
     fold.add_argument("--no-fold-visual-type", dest="fold", action="store_false")
     args = parser.parse_args(argv)
+    if args.to is not None:
+        return _export(args.input, args.output)
     try:
         report = convert_file(args.input, args.output, args.fmt, num_heads=args.num_heads,
                               overrides=args.set, fold_visual_type=args.fold)
@@ -35,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(report)
     print(f"wrote {args.output}")
+    return 0
+
+
+def _export(src: str, dst: str) -> int:
+    try:
+        back = export_official_file(src, dst)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {dst}")
+    print("back: python -m uniperceiver.convert " + " ".join(shlex.quote(a) for a in back))
     return 0
 
 

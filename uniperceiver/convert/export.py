@@ -1,15 +1,22 @@
 """This project's model -> an official-format state dict (the inverse of `official_to_ours`).
 
-Lets users run the official code on weights trained here, and lets tests build official-format
-checkpoints (dense and MoE) without the official code.
+Lets users run the official code on weights trained here (`python -m uniperceiver.convert --to
+official OURS.pt OUT.pth`), and lets tests build official-format checkpoints (dense and MoE)
+without the official code.
 """
 from __future__ import annotations
+
+import json
+import os
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..config import to_dict
 from ..modeling.model import UniPerceiver
-from .official import _PLAIN, _SPATIAL, _VISUAL_TYPE
+from ..utils.io import atomic_torch_save
+from .official import _PLAIN, _SPATIAL, _VISUAL_TYPE, infer_model_config
 
 _SUB_OFFICIAL = {"qkv": "self_attn.qkv_proj", "attn_out": "self_attn.dense", "fc1": "linear1", "fc2": "linear2"}
 _DENSE_MHA = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias",
@@ -60,3 +67,28 @@ def to_official_state_dict(model: UniPerceiver, dense_mha_names: bool | None = N
     if _VISUAL_TYPE not in out:
         out[_VISUAL_TYPE] = torch.zeros(1, model.cfg.d_model)
     return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def export_official_file(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Our model file `src` -> an official checkpoint `dst` (`{"model": state dict}`, as the
+    release saves). The official format holds no config, so this returns the `convert` arguments
+    that give `src` back from `dst`: `--num-heads N` and a `--set key=value` for every config value
+    the shapes do not tell."""
+    model = UniPerceiver.from_pretrained(src)
+    official = to_official_state_dict(model)
+    atomic_torch_save({"model": official}, dst)
+    ours, inferred = _flat(to_dict(model.cfg)), _flat(to_dict(infer_model_config(official, model.cfg.num_heads)))
+    sets = [f"{key}={json.dumps(value)}" for key, value in ours.items() if inferred.get(key) != value]
+    fmt = "official" if model.cfg.moe.enabled else "official-dense"
+    return ["--from", fmt, os.fspath(dst), os.fspath(src), "--num-heads", str(model.cfg.num_heads),
+            *(["--set", *sets] if sets else [])]

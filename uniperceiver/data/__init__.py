@@ -30,7 +30,7 @@ from ..config.schema import RunConfig, TaskConfig
 from ..tokenization import ClipTokenizer
 from .collate import TASK_KINDS, TaskCollate, make_collate, pad_ids
 from .errors import DataError, MediaError
-from .rng import derive_seed, sample_rng, split_index
+from .rng import mix_seed, sample_rng, split_index
 from .target_sets import TargetSetSource, build_target_set, read_class_names
 from .transforms import BatchMixup, build_image_transform, build_mixup, build_video_transform
 
@@ -47,8 +47,8 @@ __all__ = [
     "build_mixup",
     "build_target_set",
     "build_video_transform",
-    "derive_seed",
     "make_collate",
+    "mix_seed",
     "pad_ids",
     "read_class_names",
     "sample_rng",

@@ -20,7 +20,7 @@ readers replaced because their media could not be read (`on_error: skip`), also 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,21 +29,9 @@ from torch import Tensor
 from ..config.schema import TaskConfig
 from ..modeling.attributes import task_attributes
 from ..modeling.batch import TASK_KINDS, Segment, Sequence, TaskBatch
-from ..tokenization import ClipTokenizer
+from ..tokenization import ClipTokenizer, pad_ids
 
 __all__ = ["TASK_KINDS", "TaskCollate", "make_collate", "pad_ids"]
-
-
-def pad_ids(seqs: Seq[Seq[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
-    """Right-pad id lists: (ids [B, L] long, padding_mask [B, L] bool, True at padding)."""
-    length = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
-    mask = torch.ones((len(seqs), length), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, : len(s)] = False
-    return ids, mask
 
 
 class TaskCollate:

@@ -18,14 +18,21 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["derive_seed", "sample_rng", "split_index"]
+__all__ = ["mix_seed", "sample_rng", "split_index"]
 
 
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 32-bit seed from integers (e.g. run seed, step, slot); order matters."""
-    if any(int(p) < 0 for p in parts):
-        raise ValueError(f"seed parts must be >= 0, got {parts}")
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+_MASK63 = (1 << 63) - 1
+
+
+def mix_seed(*parts: int, bits: int = 63) -> int:
+    """A well-spread seed of `bits` bits from integers (run seed, a purpose tag, step, rank, ...;
+    order matters), by numpy's SeedSequence hashing. The one seed mixer of the project: the task
+    sampler and streams use 63 bits, sample seeds 32 (numpy's legacy seeding takes 32). The low 32
+    bits of the 63-bit value are the 32-bit one, so both are the same hash."""
+    if not 1 <= bits <= 63:
+        raise ValueError(f"bits must be in [1, 63], got {bits}")
+    word = np.random.SeedSequence([int(p) & _MASK63 for p in parts]).generate_state(1, np.uint64)[0]
+    return int(word) & ((1 << bits) - 1)
 
 
 @contextmanager
@@ -67,4 +74,4 @@ def split_index(index: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(index, torch.Tensor):
         index = int(index)
     idx = int(index)
-    return idx, derive_seed(idx)
+    return idx, mix_seed(idx, bits=32)

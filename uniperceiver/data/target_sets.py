@@ -18,7 +18,7 @@ import torch
 from ..config.schema import TargetSetConfig, resolve_path
 from ..modeling.attributes import target_set_attributes
 from ..modeling.batch import TargetSet
-from ..tokenization import ClipTokenizer
+from ..tokenization import ClipTokenizer, pad_ids
 from .errors import DataError
 from .datasets.base import read_lines
 
@@ -109,12 +109,7 @@ class TargetSetSource:
         return out
 
     def _build(self, seqs: list[list[int]]) -> TargetSet:
-        length = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), length, dtype=torch.long)
-        mask = torch.ones(len(seqs), length, dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = False
+        ids, mask = pad_ids(seqs)
         return TargetSet(self.name, ids, mask, self.attributes.clone())
 
 

@@ -12,12 +12,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-_MASK64 = (1 << 63) - 1
+from ..data.rng import mix_seed
 
-
-def mix_seed(*parts: int) -> int:
-    """A well-spread 63-bit seed from integers (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([p & _MASK64 for p in parts]).generate_state(1, np.uint64)[0]) & _MASK64
 
 
 class TaskSampler:

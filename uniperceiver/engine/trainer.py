@@ -117,10 +117,10 @@ class Trainer:
         tcfg = cfg.train
         cfg.check_data_paths("train")  # an unset $DATA_PATH or a mistyped reader option fails here,
         check_reader_options(cfg, "train")  # before any work
-        device_type = "cuda" if tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        device_type = du.pick_device_type(tcfg.device)
         self.info = du.init_distributed(device_type)
         self.rank, self.world = du.rank(), du.world_size()
-        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self.device = du.local_device(device_type)
         self.output_dir = Path(resolve_path(tcfg.output_dir))
         self.data_root = cfg.resolved_data_root()
         self.tokenizer = ClipTokenizer()

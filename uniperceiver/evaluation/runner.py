@@ -230,12 +230,7 @@ def _data_api() -> tuple[Builder, Builder, Builder]:
 
 
 def _pick_device(cfg: RunConfig) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return dist_utils.local_device(dist_utils.pick_device_type(cfg.train.device))
 
 
 def _target_source(cfg: RunConfig, name: str) -> str:

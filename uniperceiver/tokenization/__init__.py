@@ -1,5 +1,5 @@
 """CLIP byte-level BPE tokenizer used by Uni-Perceiver-MoE."""
 
-from .clip_tokenizer import ClipTokenizer
+from .clip_tokenizer import ClipTokenizer, pad_ids
 
-__all__ = ["ClipTokenizer"]
+__all__ = ["ClipTokenizer", "pad_ids"]

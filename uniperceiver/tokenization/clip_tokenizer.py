@@ -80,6 +80,19 @@ def _clean(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip().lower()
 
 
+def pad_ids(seqs: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists: (ids [B, L] long, padding_mask [B, L] bool, True at padding). The one
+    padding helper of the tokenizer, the collate and the target sets."""
+    length = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    mask = torch.ones((len(seqs), length), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, : len(s)] = False
+    return ids, mask
+
+
 class ClipTokenizer:
     """CLIP BPE tokenizer with Uni-Perceiver's 49,411-entry vocabulary."""
 
@@ -290,15 +303,7 @@ class ClipTokenizer:
         Returns ``(ids, padding_mask)``: a LongTensor ``[B, L]`` and a
         BoolTensor ``[B, L]`` that is True at padding positions.
         """
-        seqs = self.encode_texts(texts, append_eot=append_eot, max_len=max_len)
-        length = max((len(s) for s in seqs), default=0)
-        ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-        mask = torch.ones((len(seqs), length), dtype=torch.bool)
-        for row, seq in enumerate(seqs):
-            if seq:
-                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, : len(seq)] = False
-        return ids, mask
+        return pad_ids(self.encode_texts(texts, append_eot=append_eot, max_len=max_len), pad=pad_id)
 
     # ------------------------------------------------------------- helpers
     @staticmethod
