@@ -16,7 +16,8 @@ Randomness: in training index a dataset with `(index, seed)`; every random choic
 depends only on that seed (`uniperceiver.data.rng`). A plain int index (evaluation) uses a seed
 derived from the index, so evaluation is deterministic.
 
-Entry points: `build_dataset`, `make_collate`, `build_target_set`, `build_mixup`.
+Entry points: `build_dataset` (the reader of each format: `readers.READERS`), `check_reader_options`,
+`make_collate`, `build_target_set`, `build_mixup`.
 """
 from __future__ import annotations
 
