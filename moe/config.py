@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 RouterKind = Literal["attribute", "task", "modality", "token", "context"]
 ROUTERS = ("attribute", "task", "modality", "token", "context")
 # Routers whose decision depends only on per-segment ids/attributes, never on token features:
@@ -18,6 +20,7 @@ DATA_INDEPENDENT_ROUTERS = ("attribute", "task", "modality")
 # Routers that decide per token and therefore need token dispatch (moe.dispatch).
 TOKEN_ROUTERS = ("token", "context")
 BACKENDS = ("auto", "torch", "tutel")
+EXECUTIONS = ("auto", "sorted", "static")
 EXPERT_TYPES = ("linear", "ffn")
 
 
@@ -71,6 +74,14 @@ class MoEConfig:
     # (the released model: GELU(x W1_bar) W2_bar); "ffn" makes every expert a whole FFN and
     # computes the exact mixture sum_k g_k FFN_{e_k}(x).
     expert_type: Literal["linear", "ffn"] = "linear"
+    # How routed work is laid out (same results either way, to float rounding):
+    # "sorted": only the kept slots as variable-size row blocks, merged weights built by a
+    #   hand-written kernel (the CPU fast path; reads per-expert counts on the host once per plan);
+    # "static": device-resident, static shapes, no host sync (capacity-padded buffers or grouped
+    #   GEMMs, see `moe.static`; merged weights by device indexing): the GPU / torch.compile path;
+    # "auto": "static" on CUDA and while torch.compile traces, "sorted" elsewhere. Expert
+    #   parallelism always runs "sorted" (its all-to-all sizes are host values).
+    execution: Literal["auto", "sorted", "static"] = "auto"
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -105,6 +116,8 @@ class MoEConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.expert_type not in EXPERT_TYPES:
             raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
         if self.uniform_routing and self.data_independent:
@@ -117,6 +130,12 @@ class MoEConfig:
     def data_independent(self) -> bool:
         """True when every token of a segment shares one routing decision."""
         return self.router in DATA_INDEPENDENT_ROUTERS
+
+    def static_execution(self, device: torch.device) -> bool:
+        """Whether this layer runs the device-resident static path on `device` (see `execution`)."""
+        if self.execution != "auto":
+            return self.execution == "static"
+        return device.type == "cuda" or torch.compiler.is_compiling()
 
     def capacity_factor(self, training: bool) -> float:
         return self.capacity_factor_train if training else self.capacity_factor_eval

@@ -26,10 +26,19 @@ from .backends import resolve_backend, run_dispatched
 from .config import MoEConfig
 from .dispatch import make_plan
 from .experts import ACTIVATIONS, grouped_ffn, grouped_linear
-from .losses import router_losses
-from .merge import merge_expert_weights, segment_linear
+from .losses import masked_router_losses, router_losses
+from .merge import merge_expert_weights, merge_expert_weights_static, segment_linear
 from .parallel import ExpertParallel, ProcessGroup, gather_experts
 from .routers import RoutingContext, SegmentDecision, TokenDecision, TokenGating, build_router
+from .static import (
+    StaticPlan,
+    capacity_on_device,
+    grouped_mm_usable,
+    make_static_plan,
+    run_static,
+    static_ffn,
+    static_linear,
+)
 from .stats import stats_from_counts
 
 Decision = SegmentDecision | TokenDecision
@@ -96,22 +105,33 @@ class MoELinear(nn.Module):
         decision: Decision | None = None,
         out_slice: slice | None = None,
     ) -> tuple[Tensor, Decision]:
+        static = self.cfg.static_execution(x_BLI.device)
+        cache = ctx.merged_cache if not torch.is_grad_enabled() else None
+        if cache is not None and self in cache:  # merged once per generation (see RoutingContext)
+            decision, weight_SOI, bias_SO = cache[self]
+            return segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice, not static), decision
         if decision is None:
             decision = self.route(ctx, x_BLI)
         if isinstance(decision, SegmentDecision):
-            weight_SOI, bias_SO = self.merged_weights(decision)
-            y_BLO = segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice)
+            weight_SOI, bias_SO = self.merged_weights(decision, static)
+            if cache is not None:
+                cache[self] = (decision, weight_SOI, bias_SO)
+            y_BLO = segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice, not static)
             return y_BLO, decision
         expert_fn = partial(_linear_experts, self.weight_EOI, self.bias_EO, out_slice=out_slice)
-        return _dispatch(self.cfg, x_BLI, decision, expert_fn, self.expert_parallel), decision
+        static_fn = partial(_static_linear_experts, self.weight_EOI, self.bias_EO, out_slice=out_slice)
+        y_BLO = _dispatch(self.cfg, x_BLI, decision, expert_fn, self.expert_parallel, static_fn, (self.weight_EOI,))
+        return y_BLO, decision
 
-    def merged_weights(self, decision: SegmentDecision) -> tuple[Tensor, Tensor | None]:
-        """Per segment s: sum_k g[s,k] W[e[s,k]] (and the bias likewise)."""
+    def merged_weights(self, decision: SegmentDecision, static: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per segment s: sum_k g[s,k] W[e[s,k]] (and the bias likewise); `static`: without
+        reading the expert ids on the host."""
         # All experts are needed locally to merge; under EP they are gathered (and the
         # gradient summed back to the owners).
         weight_EOI = gather_experts(self.weight_EOI, self.expert_parallel)
         bias_EO = None if self.bias_EO is None else gather_experts(self.bias_EO, self.expert_parallel)
-        return merge_expert_weights(weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK)
+        merge = merge_expert_weights_static if static else merge_expert_weights
+        return merge(weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK)
 
     def extra_repr(self) -> str:
         ep = self.expert_parallel
@@ -128,10 +148,32 @@ def _linear_experts(weight_EOI, bias_EO, x_MI, counts, out_slice=None):
     return grouped_linear(x_MI, weight_EOI, bias_EO, counts, out_slice)
 
 
-def _dispatch(cfg: MoEConfig, x_BLI: Tensor, decision: TokenDecision, expert_fn, ep: ExpertParallel) -> Tensor:
-    """Run a token decision's dispatch plan on x_BLI through the configured backend (B x L x O)."""
+def _static_linear_experts(weight_EOI, bias_EO, x, plan, layout, out_slice=None):
+    return static_linear(x, weight_EOI, bias_EO, plan, layout, out_slice)
+
+
+def _dispatch(cfg: MoEConfig, x_BLI: Tensor, decision: TokenDecision, expert_fn, ep: ExpertParallel,
+              static_fn=None, weights: tuple[Tensor, ...] = ()) -> Tensor:
+    """Run a token decision's dispatch plan on x_BLI through the configured backend (B x L x O).
+
+    A `StaticPlan` runs `static_fn` on the grouped layout where `torch._grouped_mm` takes these
+    `weights`, on the capacity-padded one otherwise."""
     batch, length, _ = x_BLI.shape
     _check_token_decision(decision, batch, length)
+    if isinstance(decision.plan, StaticPlan):
+        x_TI = x_BLI.reshape(batch * length, -1)
+        backend = resolve_backend(cfg.backend, x_BLI.device)
+        if backend == "tutel":
+            expert_fn = partial(static_fn, plan=decision.plan, layout="padded")
+            y_TO = run_dispatched(backend, x_TI, decision.expert_ids_TK, decision.gates_TK, decision.plan,
+                                  lambda x_MI, counts: expert_fn(x_MI.view(len(counts), counts[0], -1)).flatten(0, 1),
+                                  ep)
+        else:
+            probe = x_TI.to(torch.get_autocast_dtype(x_TI.device.type)) if torch.is_autocast_enabled(
+                x_TI.device.type) else x_TI
+            layout = "grouped" if grouped_mm_usable(probe, *weights) else "padded"
+            y_TO = run_static(x_TI, decision.gates_TK, decision.plan, static_fn, layout)
+        return y_TO.view(batch, length, -1)
     y_TO = run_dispatched(
         resolve_backend(cfg.backend, x_BLI.device),
         x_BLI.reshape(batch * length, -1),
@@ -163,24 +205,40 @@ def token_decision(
     force_dropless: bool = False,
 ) -> TokenDecision:
     """Turn a token gating into an executable decision: plan, losses over real tokens, stats."""
+    device = gating.expert_ids_TK.device
     valid_T = ctx.valid_tokens_T(batch, length)
     if valid_T is not None:
-        valid_T = valid_T.to(gating.expert_ids_TK.device)
-    num_real = batch * length if valid_T is None else int(valid_T.sum())
-    capacity = None
-    if not force_dropless and not cfg.dropless:
-        # Expert-parallel ranks agree on the token count that sets capacity, so every rank
-        # budgets the same number of slots per expert (needed by padded backends).
-        capacity = cfg.capacity(ep.max_over_group(num_real), training)
+        valid_T = valid_T.to(device)
     priority_T = gating.gates_TK[:, 0].detach() if cfg.batch_prioritized else None
-    plan = make_plan(gating.expert_ids_TK, cfg.num_experts, capacity, valid_T, priority_T)
+    capped = not force_dropless and not cfg.dropless
+    if cfg.static_execution(device) and not ep.enabled:
+        # Device-resident: the buffer bound comes from the static token count; with padding the
+        # real capacity is a device scalar that only masks (moe.static). No host sync.
+        rows = capacity = None
+        if capped:
+            rows = capacity = cfg.capacity(batch * length, training)
+            if valid_T is not None:
+                capacity = capacity_on_device(valid_T.sum(), cfg.capacity_factor(training), cfg.top_k,
+                                              cfg.num_experts, cfg.min_capacity)
+        plan = make_static_plan(gating.expert_ids_TK, cfg.num_experts, rows, capacity, valid_T, priority_T)
+    else:
+        capacity = None
+        if capped:
+            num_real = batch * length if valid_T is None else int(valid_T.sum())
+            # Expert-parallel ranks agree on the token count that sets capacity, so every rank
+            # budgets the same number of slots per expert (needed by padded backends).
+            capacity = cfg.capacity(ep.max_over_group(num_real), training)
+        plan = make_plan(gating.expert_ids_TK, cfg.num_experts, capacity, valid_T, priority_T)
     losses = None
-    if gating.logits_TE is not None:
+    # Aux losses only feed a backward pass: skip them (and their host syncs) in inference.
+    if gating.logits_TE is not None and torch.is_grad_enabled():
         logits_TE, top1_T = gating.logits_TE, gating.expert_ids_TK[:, 0]
-        if valid_T is not None:
-            logits_TE, top1_T = logits_TE[valid_T], top1_T[valid_T]
-        # Aux losses only feed a backward pass: skip them (and their host syncs) in inference.
-        losses = router_losses(logits_TE, top1_T) if torch.is_grad_enabled() else None
+        if valid_T is None:
+            losses = router_losses(logits_TE, top1_T)
+        elif isinstance(plan, StaticPlan):
+            losses = masked_router_losses(logits_TE, top1_T, valid_T)
+        else:
+            losses = router_losses(logits_TE[valid_T], top1_T[valid_T])
     return TokenDecision(
         expert_ids_TK=gating.expert_ids_TK,
         gates_TK=gating.gates_TK,
@@ -255,14 +313,19 @@ class MoEFFN(nn.Module):
             token = segment_to_token_decision(
                 decision, self.cfg, ctx, batch, length, self.fc1.expert_parallel
             )
-        expert_fn = partial(
-            _ffn_experts, self.fc1.weight_EOI, self.fc1.bias_EO, self.fc2.weight_EOI,
-            self.fc2.bias_EO, activation=self.activation,
-        )
-        return _dispatch(self.cfg, x_BLD, token, expert_fn, self.fc1.expert_parallel), decision
+        weights = (self.fc1.weight_EOI, self.fc1.bias_EO, self.fc2.weight_EOI, self.fc2.bias_EO)
+        expert_fn = partial(_ffn_experts, *weights, activation=self.activation)
+        static_fn = partial(_static_ffn_experts, *weights, activation=self.activation)
+        y_BLD = _dispatch(self.cfg, x_BLD, token, expert_fn, self.fc1.expert_parallel, static_fn,
+                          (self.fc1.weight_EOI, self.fc2.weight_EOI))
+        return y_BLD, decision
 
 
 def _ffn_experts(w1_EFD, b1_EF, w2_EDF, b2_ED, x_MD, counts, activation="gelu"):
     return grouped_ffn(x_MD, w1_EFD, b1_EF, w2_EDF, b2_ED, counts, activation)
 
 
+
+
+def _static_ffn_experts(w1_EFD, b1_EF, w2_EDF, b2_ED, x, plan, layout, activation="gelu"):
+    return static_ffn(x, w1_EFD, b1_EF, w2_EDF, b2_ED, plan, layout, activation)

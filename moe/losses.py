@@ -28,7 +28,11 @@ def load_balance_loss(probs_TE: Tensor, top1_ids_T: Tensor) -> Tensor:
     num_tokens, num_experts = probs_TE.shape
     if num_tokens == 0:
         return probs_TE.new_zeros(())
-    frac_E = torch.bincount(top1_ids_T, minlength=num_experts).to(probs_TE.dtype) / num_tokens
+    # scatter_add, not bincount: the same integer counts, in a tensor whose size does not depend
+    # on the data (no host sync, no graph break under torch.compile).
+    counts_E = torch.zeros(num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
+    counts_E.scatter_add_(0, top1_ids_T, torch.ones_like(top1_ids_T, dtype=probs_TE.dtype))
+    frac_E = counts_E / num_tokens
     mean_prob_E = probs_TE.mean(dim=0)
     return num_experts * (frac_E * mean_prob_E).sum()
 
@@ -43,6 +47,23 @@ def router_losses(logits_TE: Tensor, top1_ids_T: Tensor) -> RouterLosses:
     logits_TE = logits_TE.float()
     probs_TE = torch.softmax(logits_TE, dim=-1)
     return RouterLosses(load_balance_loss(probs_TE, top1_ids_T), router_z_loss(logits_TE))
+
+
+def masked_router_losses(logits_TE: Tensor, top1_ids_T: Tensor, valid_T: Tensor) -> RouterLosses:
+    """`router_losses` over the tokens where `valid_T` is True, with static shapes (the static
+    execution path; boolean indexing would read the count on the host). Equal to
+    `router_losses(logits_TE[valid_T], top1_ids_T[valid_T])` to float rounding."""
+    logits_TE = logits_TE.float()
+    num_experts = logits_TE.shape[1]
+    w_T = valid_T.to(logits_TE.dtype)
+    n = w_T.sum().clamp(min=1.0)  # no real token: every sum below is 0, and so are the losses
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    counts_E = torch.zeros(num_experts, dtype=logits_TE.dtype, device=logits_TE.device)
+    counts_E.scatter_add_(0, top1_ids_T, w_T)
+    mean_prob_E = (probs_TE * w_T[:, None]).sum(0) / n
+    load_balance = num_experts * (counts_E / n * mean_prob_E).sum()
+    z_loss = (torch.logsumexp(logits_TE, dim=-1).pow(2) * w_T).sum() / n
+    return RouterLosses(load_balance, z_loss)
 
 
 def weighted_aux_loss(decisions: Iterable, load_balance_weight: float, z_loss_weight: float) -> Tensor | None:

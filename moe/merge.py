@@ -13,6 +13,7 @@ released model's computation (OFFICIAL.md 2.3), in training and in inference.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import linear
@@ -78,18 +79,40 @@ def merge_expert_weights(
     return weight_SOI, bias_SO
 
 
+def merge_expert_weights_static(
+    weight_EOI: Tensor, bias_EO: Tensor | None, expert_ids_SK: Tensor, gates_SK: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """`merge_expert_weights` without reading the expert ids on the host (the static execution
+    path: GPU, torch.compile): gathers of the chosen experts, accumulated over k in order with
+    the same multiply-adds. Autograd's gradient of the gather is E-sized, which on a GPU costs
+    less than the host round trip it saves."""
+
+    def merge(w_EX: Tensor) -> Tensor:
+        g_SK = gates_SK.to(w_EX.dtype)
+        shape = (-1,) + (1,) * (w_EX.dim() - 1)
+        out_SX = w_EX.index_select(0, expert_ids_SK[:, 0]) * g_SK[:, 0].view(shape)
+        for k in range(1, expert_ids_SK.shape[1]):
+            out_SX = torch.addcmul(out_SX, w_EX.index_select(0, expert_ids_SK[:, k]), g_SK[:, k].view(shape))
+        return out_SX
+
+    return merge(weight_EOI), None if bias_EO is None else merge(bias_EO)
+
+
 def segment_linear(
     x_BLI: Tensor,
     weight_SOI: Tensor,
     bias_SO: Tensor | None,
     segment_starts: tuple[int, ...],
     out_slice: slice | None = None,
+    cpu_kernels: bool = True,
 ) -> Tensor:
     """Apply segment s's linear to positions [segment_starts[s], segment_starts[s+1]).
 
     `out_slice` keeps only some output rows of every merged weight (caption decoding computes
-    the query part or the key/value part of a fused qkv projection).
+    the query part or the key/value part of a fused qkv projection). `cpu_kernels=False` uses
+    F.linear throughout (the static path; `moe.kernels` only helps fp32 on CPU).
     """
+    lin = linear if cpu_kernels else F.linear
     if out_slice is not None:
         weight_SOI = weight_SOI[:, out_slice]
         bias_SO = None if bias_SO is None else bias_SO[:, out_slice]
@@ -99,13 +122,13 @@ def segment_linear(
             f"{weight_SOI.shape[0]} routing rows for {num_segments} segments {segment_starts}"
         )
     if num_segments == 1:
-        return linear(x_BLI, weight_SOI[0], None if bias_SO is None else bias_SO[0])
+        return lin(x_BLI, weight_SOI[0], None if bias_SO is None else bias_SO[0])
     length = x_BLI.shape[1]
     if segment_starts[-1] >= length:
         raise ValueError(f"segment_starts {segment_starts} do not fit a sequence of {length}")
     bounds = list(segment_starts) + [length]
     pieces = [
-        linear(
+        lin(
             x_BLI[:, bounds[s] : bounds[s + 1]],
             weight_SOI[s],
             None if bias_SO is None else bias_SO[s],

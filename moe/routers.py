@@ -40,6 +40,12 @@ class RoutingContext:
     task_ids_S: Tensor | None = None
     modality_ids_S: Tensor | None = None
     padding_mask_BL: Tensor | None = None  # True = padding
+    # Inference only, owned by the caller for one generation (caption decoding): layers with
+    # segment routing store (decision, merged weight, merged bias) here, keyed by the layer, on
+    # first use and reuse them for every later call with this context, so the experts are merged
+    # once per generation instead of once per token. Pass a fresh dict per generation (and per
+    # weight update); ignored while autograd records.
+    merged_cache: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.segment_starts or self.segment_starts[0] != 0:

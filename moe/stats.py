@@ -21,7 +21,7 @@ class RoutingStats:
 
     routed_E: Tensor
     kept_E: Tensor
-    capacity: int | None  # None = dropless
+    capacity: int | Tensor | None  # None = dropless (a device scalar on the static path with padding)
 
     @property
     def num_dropped(self) -> int:
@@ -42,13 +42,13 @@ class RoutingStats:
         return {
             "routed_per_expert": self.routed_E.tolist(),
             "kept_per_expert": self.kept_E.tolist(),
-            "capacity": self.capacity,
+            "capacity": int(self.capacity) if isinstance(self.capacity, Tensor) else self.capacity,
             "drop_rate": self.drop_rate,
             "imbalance": self.imbalance,
         }
 
 
-def stats_from_counts(routed_E: Tensor, capacity: int | None) -> RoutingStats:
+def stats_from_counts(routed_E: Tensor, capacity: int | Tensor | None) -> RoutingStats:
     routed_E = routed_E.detach()
     kept_E = routed_E if capacity is None else torch.clamp(routed_E, max=capacity)
     return RoutingStats(routed_E, kept_E, capacity)

@@ -17,30 +17,39 @@ from torch import Tensor
 from ..dispatch import DispatchPlan
 from ..experts import ExpertFn
 from ..parallel import ExpertParallel
+from ..static import StaticPlan
 
 
 def run_dispatched(
     x_TI: Tensor,
     expert_ids_TK: Tensor,
     gates_TK: Tensor,
-    plan: DispatchPlan,
+    plan: DispatchPlan | StaticPlan,
     expert_fn: ExpertFn,
     ep: ExpertParallel,
 ) -> Tensor:
     from tutel.impls import communicate, fast_dispatch
 
     num_experts, top_k = plan.num_experts, plan.top_k
-    capacity = plan.capacity
-    if capacity is None:
-        capacity = ep.max_over_group(plan.max_count)
-    capacity = max(int(capacity), 1)
-    ids_TK = expert_ids_TK.to(torch.int32)
-    if plan.valid_T is not None:
-        ids_TK = ids_TK.masked_fill(~plan.valid_T[:, None], -1)  # Tutel skips index -1
+    if isinstance(plan, StaticPlan):
+        # Static shapes: C is the plan's buffer bound (no host sync in capacity mode); slots the
+        # plan drops (capacity, padding) get index -1, which Tutel skips.
+        capacity = plan.padded_rows()
+        ids_TK = torch.where(plan.kept_TK, expert_ids_TK, -1).to(torch.int32)
+        locations_TK = plan.locations_TK.to(torch.int32)
+    else:
+        capacity = plan.capacity
+        if capacity is None:
+            capacity = ep.max_over_group(plan.max_count)
+        capacity = max(int(capacity), 1)
+        ids_TK = expert_ids_TK.to(torch.int32)
+        if plan.valid_T is not None:
+            ids_TK = ids_TK.masked_fill(~plan.valid_T[:, None], -1)  # Tutel skips index -1
+        locations_TK = plan.locations_TK
     critical = (
         num_experts,
         [ids_TK[:, k].contiguous() for k in range(top_k)],
-        [plan.locations_TK[:, k].contiguous() for k in range(top_k)],
+        [locations_TK[:, k].contiguous() for k in range(top_k)],
         [gates_TK[:, k].to(x_TI.dtype).contiguous() for k in range(top_k)],
         capacity,
         None,

@@ -58,11 +58,13 @@ class Embeddings(nn.Module):
         spe_D = self.norm(self.word.weight[SPE_ID])
         return spe_D.expand(batch_size, 1, -1)
 
-    def text(self, ids_BL: Tensor, positions: Tensor | None = None) -> Tensor:
-        """LN(word + learned position + type 0); positions restart at 0 in every segment."""
+    def text(self, ids_BL: Tensor, positions: Tensor | None = None, check_positions: bool = True) -> Tensor:
+        """LN(word + learned position + type 0); positions restart at 0 in every segment.
+        `check_positions=False`: the caller has checked them (the static decoding step, which
+        must not read a device value on the host)."""
         if positions is None:
             positions = torch.arange(ids_BL.shape[1], device=ids_BL.device)
-        if int(positions.max()) >= self.cfg.max_text_positions:
+        if check_positions and int(positions.max()) >= self.cfg.max_text_positions:
             raise ValueError(
                 f"text position {int(positions.max())} >= max_text_positions={self.cfg.max_text_positions}"
             )

@@ -14,6 +14,7 @@ from torch import Tensor
 from moe import RoutingContext, SegmentDecision
 
 from ..modeling.batch import Sequence, TaskBatch
+from ..modeling.decoding import StaticDecoder
 from ..modeling.encoder import LayerCache
 from ..modeling.model import UniPerceiver
 from .base import TaskOutput
@@ -110,6 +111,8 @@ def beam_search(
     len_penalty: float = 0.0,
     record_decisions: bool = False,
     vocab_token_ids_V: Tensor | None = None,
+    static: bool | None = None,
+    cuda_graphs: bool = True,
 ) -> BeamSearchOutput:
     """The release's beam search (CaptionBeamSearcherV3), with cached keys/values.
 
@@ -122,6 +125,11 @@ def beam_search(
     `vocab_token_ids_V` gives the token id of each row of `vocab_feats_VD` when it covers a subset
     of the vocabulary (`TargetSet.token_ids_N`); None means row v is token v. The returned ids are
     token ids either way.
+
+    `static` (default: on CUDA, unless `record_decisions`) runs the device-resident static step
+    (`uniperceiver.modeling.decoding`: preallocated cache, no host round trip, replayed as a CUDA
+    graph when `cuda_graphs`); otherwise the eager loop below, whose ids are the reference. Either
+    way the experts of every MoE layer are merged once per generation (`RoutingContext.merged_cache`).
     """
     b = prefix.batch_size
     enc = model.encode(prefix, keep_kv=True)
@@ -135,6 +143,7 @@ def beam_search(
         attributes_SA=None if text_attributes_SA is None else text_attributes_SA.to(device),
         task_ids_S=torch.full((1,), prefix.task_id, dtype=torch.long, device=device),
         modality_ids_S=torch.ones(1, dtype=torch.long, device=device),
+        merged_cache={},  # this generation's merged expert weights (inference only)
     )
     vocab = vocab_feats_VD.shape[0]
     eot = EOT_ID  # the vocabulary row of <|endoftext|>
@@ -146,6 +155,17 @@ def beam_search(
         if hits.numel() == 0:
             raise ValueError(f"the vocabulary subset lacks <|endoftext|> ({EOT_ID}): captions could never end")
         eot = int(hits[0])
+
+    if static is None:
+        static = device.type == "cuda" and not record_decisions
+    if static:
+        if record_decisions:
+            raise ValueError("record_decisions needs the eager loop (static=False)")
+        decoder = StaticDecoder(model, ctx, vocab_feats_VD, temperature, beam_size, max_len, eot, vocab_token_ids_V,
+                                beam_select)
+        state = decoder.run(caches, b, graphs=cuda_graphs and device.type == "cuda")
+        return _best_beams(state.ids_BKT, state.logprobs_BKT, state.seq_logprob_BK1, len_penalty, eot,
+                           vocab_token_ids_V, calls)
 
     seq_logprob_BK1 = torch.zeros(b, 1, 1, device=device)
     seq_mask_BK1 = torch.ones(b, beam_size, 1, device=device)
@@ -180,9 +200,15 @@ def beam_search(
             calls.append(word.decisions)
         caches = _append(caches, word.caches)
 
-    ids_BKT = torch.cat(outputs, -1)
-    order_BK1 = rank_beams(ids_BKT, seq_logprob_BK1, len_penalty, eot)
-    ids_BKT = torch.gather(ids_BKT, 1, order_BK1.expand(b, beam_size, max_len))
-    lp_BKT = torch.gather(torch.cat(log_probs, -1), 1, order_BK1.expand(b, beam_size, max_len))
+    return _best_beams(torch.cat(outputs, -1), torch.cat(log_probs, -1), seq_logprob_BK1, len_penalty, eot,
+                       vocab_token_ids_V, calls)
+
+
+def _best_beams(ids_BKT: Tensor, lp_BKT: Tensor, seq_logprob_BK1: Tensor, len_penalty: float, eot: int,
+                vocab_token_ids_V: Tensor | None, calls: list) -> BeamSearchOutput:
+    """Rank the finished beams and return the best one's token ids and word log-probs."""
+    order_BKT = rank_beams(ids_BKT, seq_logprob_BK1, len_penalty, eot).expand_as(ids_BKT)
+    ids_BKT = torch.gather(ids_BKT, 1, order_BKT)
+    lp_BKT = torch.gather(lp_BKT, 1, order_BKT)
     ids_BT = ids_BKT[:, 0] if vocab_token_ids_V is None else vocab_token_ids_V[ids_BKT[:, 0]]
     return BeamSearchOutput(ids_BT, lp_BKT[:, 0], calls)
