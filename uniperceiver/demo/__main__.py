@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log.info("training the tiny Uni-Perceiver-MoE on the embedded demo data (%d steps, %d tasks) -> %s",
              cfg.train.max_steps, sum(t.train_data is not None for t in cfg.tasks), cfg.train.output_dir)
-    Trainer(cfg).train()
+    try:
+        Trainer(cfg).train()
+    except ConfigError as exc:  # a value found bad at use, e.g. a mistyped reader option override
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     train_seconds = time.perf_counter() - t0
     checkpoint = list_checkpoints(cfg.train.output_dir)[-1][1]
 
