@@ -69,3 +69,16 @@ train: {{output_dir: {tmp_path / 'out'}, max_steps: 1, tensorboard: false, devic
     assert train_main([str(cfg_file)]) == 2
     err = capsys.readouterr().err
     assert "labl_column" in err and "label_column" in err and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_path_options_with_an_unset_data_path_fail_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("DATA_PATH", raising=False)
+    cfg = load_config(RunConfig, data={
+        "target_sets": {"c": {"kind": "class_names", "names": ["a", "b"]}},
+        "tasks": [{"name": "cls", "type": "image_classification", "target_set": "c",
+                   "eval_data": {"format": "jsonl", "root": str(tmp_path),
+                                 "options": {"class_names": "$DATA_PATH/classes.txt"}}}]})
+    with pytest.raises(ConfigError, match=r"'tasks\[0\]\.eval_data\.options\.class_names' \(task 'cls'\).*\$DATA_PATH"):
+        check_reader_options(cfg, "eval")
+    monkeypatch.setenv("DATA_PATH", str(tmp_path))
+    check_reader_options(cfg, "eval")

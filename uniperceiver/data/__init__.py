@@ -21,13 +21,14 @@ Entry points: `build_dataset` (the reader of each format: `readers.READERS`), `c
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Literal
 
 from torch.utils.data import Dataset
 
 from ..config.model import ModelConfig
-from ..config.schema import RunConfig, TaskConfig
+from ..config.loader import ConfigError
+from ..config.schema import RunConfig, TaskConfig, resolve_path
 from ..tokenization import ClipTokenizer
 from .collate import TASK_KINDS, TaskCollate, make_collate, pad_ids
 from .errors import DataError, MediaError
@@ -70,15 +71,25 @@ _ACCEPTS = {  # format -> task types it can feed
 
 def check_reader_options(cfg: RunConfig, split: Literal["train", "eval"]) -> None:
     """Validate the `options` of every `split` data source against its reader's typed options
-    before any work (a ConfigError names the key and suggests the closest valid one)."""
+    before any work: a ConfigError names the key and suggests the closest valid one, or names the
+    unset variable (e.g. $DATA_PATH) a path option uses."""
     from .datasets.base import read_options
     from .readers import READERS
 
     side = "train_data" if split == "train" else "eval_data"
     for i, task in enumerate(cfg.tasks):
         source = getattr(task, side)
-        if source is not None and source.format in READERS:
-            read_options(READERS[source.format].options, source, f"tasks[{i}].{side}.options", f"task {task.name!r}")
+        if source is None or source.format not in READERS:
+            continue
+        key = f"tasks[{i}].{side}.options"
+        options = read_options(READERS[source.format].options, source, key, f"task {task.name!r}")
+        for f in fields(options):
+            value = getattr(options, f.name)
+            if f.metadata.get("path") and value:
+                try:
+                    resolve_path(value, cfg.resolved_data_root())
+                except ConfigError as e:
+                    raise ConfigError(f"config key '{key}.{f.name}' (task {task.name!r}): {e}") from None
 
 
 def build_dataset(

@@ -25,9 +25,10 @@ logger = logging.getLogger("uniperceiver.data")
 O = TypeVar("O")
 
 
-def option(default: Any, doc: str) -> Any:
-    """A reader option: its default and the one line the options table (README) shows."""
-    return field(default=default, metadata={"doc": doc})
+def option(default: Any, doc: str, *, path: bool = False) -> Any:
+    """A reader option: its default and the one line the options table (README) shows. `path`:
+    a file path, resolved like `root` (so an unset $DATA_PATH in it fails before any work)."""
+    return field(default=default, metadata={"doc": doc, "path": path})
 
 
 @dataclass

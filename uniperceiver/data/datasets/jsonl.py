@@ -34,7 +34,7 @@ _INPUTS = ("image", "video", "text")
 @dataclass
 class JsonlOptions:
     class_names: str | None = option(None, "class-name file (one class a line, synonyms `a|b`) for name labels, "
-                                           "relative to the data root")
+                                           "relative to the data root", path=True)
     classes: list[str] | None = option(None, "the class names inline, instead of `class_names`")
     template: str | None = option(None, "text classification prompt with `{s1}` and one `<|spe|>` "
                                         "(default: the `task`'s)")

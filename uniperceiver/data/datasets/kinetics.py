@@ -63,7 +63,7 @@ class KineticsOptions:
                                       "else `validation`)")
     annotation_file: str = option("annotation.json", "the annotation file's name when `annotations` is a folder")
     category_mapping: str | None = option(None, "the `class name<TAB>index` file (default `category_mapping.txt` "
-                                                "beside the annotations)")
+                                                "beside the annotations)", path=True)
 
 
 class KineticsDataset(BaseDataset):
