@@ -109,3 +109,16 @@ def test_static_decoding_never_syncs(monkeypatch):
 
 def prefix_len(model, prefix):
     return 1 + model.embed_sequence(prefix)[0].shape[1] - 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("router", ["attribute", "token"])
+def test_cuda_graph_decoding_gives_the_eager_ids(router):
+    model, prefix, text_rows, vocab_VD, ids_V = _setup(router)
+    model = model.cuda()
+    prefix = Sequence([Segment("image", prefix.segments[0].data.cuda())], attributes_SA=prefix.attributes_SA.cuda())
+    kw = dict(beam_size=2, max_len=8, len_penalty=1.0, vocab_token_ids_V=ids_V.cuda())
+    ref = beam_search(model, prefix, text_rows.cuda(), vocab_VD.cuda(), static=False, **kw)
+    got = beam_search(model, prefix, text_rows.cuda(), vocab_VD.cuda(), static=True, cuda_graphs=True, **kw)
+    assert torch.equal(got.ids_BT, ref.ids_BT)
+    torch.testing.assert_close(got.logprobs_BT, ref.logprobs_BT, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ Nothing in a step reads a device value on the host (tests/modeling/test_static_d
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from .encoder import LayerCache
 from .model import UniPerceiver
 
 SPE_ID = 49410
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -156,10 +158,16 @@ class StaticDecoder:
             torch.cuda.current_stream().wait_stream(side)
             remaining -= 1
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step(state, first=False)
+            try:
+                with torch.cuda.graph(graph):
+                    self.step(state, first=False)
+            except RuntimeError as err:
+                # Capture records kernels without running them, so the state is untouched: the
+                # same steps run eagerly (same results, slower). Say so, once per generation.
+                log.warning("caption decoding: CUDA graph capture failed (%s); decoding eagerly", err)
+                graph = None
             for _ in range(remaining):
-                graph.replay()
+                graph.replay() if graph is not None else self.step(state, first=False)
         else:
             for _ in range(remaining):
                 self.step(state, first=False)
