@@ -191,6 +191,9 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     grad_accum: int = 1
     activation_checkpointing: bool = False
+    # torch.compile every encoder layer (on CUDA: inductor kernels; MoE layers take their
+    # static, sync-free path under compile). Compiling takes minutes on a CPU: a GPU setting.
+    compile: bool = False
     max_nonfinite: int = 10  # consecutive skipped non-finite steps before aborting
     num_workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

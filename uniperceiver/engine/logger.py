@@ -68,7 +68,8 @@ class TrainLogger:
             self.start_step = step - 1
         record = {"step": step, "grad_norm": logs["grad_norm"], "seconds": logs["seconds"], "skipped": logs["skipped"],
                   "tasks": [(name, loss, metrics, size) for name, loss, metrics, _, size in logs["micro"]],
-                  "moe": moe_stats([d for *_, decisions, _ in logs["micro"] for d in decisions])}
+                  "moe": moe_stats([d for *_, decisions, _ in logs["micro"] for d in decisions]),
+                  "model_flops": logs.get("model_flops", 0.0), "peak_flops": logs.get("peak_flops")}
         self.window.append(record)
         if step % self.cfg.log_every != 0 and step != self.cfg.max_steps:
             return
@@ -98,6 +99,11 @@ class TrainLogger:
                "metrics": {k: sum(v) / len(v) for k, v in metrics.items()},
                "samples_per_s": samples / max(seconds, 1e-9), "temperature": temps,
                "skipped_steps": sum(r["skipped"] for rr in gathered for r in rr)}
+        # Model FLOP/s of all ranks together (engine/flops.py), and per rank over the card's peak.
+        flops = sum(r.get("model_flops", 0.0) for rr in gathered for r in rr)
+        row["model_tflops_per_s"] = flops / max(seconds, 1e-9) / 1e12
+        peak = last.get("peak_flops")
+        row["mfu"] = None if not peak else flops / len(gathered) / max(seconds, 1e-9) / peak
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
@@ -112,13 +118,17 @@ class TrainLogger:
             self.writer.add_scalar("lr", lr, step)
             self.writer.add_scalar("grad_norm", row["grad_norm"], step)
             self.writer.add_scalar("throughput/samples_per_s", row["samples_per_s"], step)
+            self.writer.add_scalar("throughput/model_tflops_per_s", row["model_tflops_per_s"], step)
+            if row["mfu"] is not None:
+                self.writer.add_scalar("throughput/mfu", row["mfu"], step)
         elapsed = time.perf_counter() - self.start_time
         done = step - (self.start_step or 0)
         eta = elapsed / max(done, 1) * (self.cfg.max_steps - step)
         losses = " ".join(f"{k}={v:.3f}" for k, v in sorted(row["loss"].items()))
-        log.info("step %d/%d | %s | lr %.2e | %.1f samples/s | %.2f it/s | eta %s",
+        mfu_text = "" if row["mfu"] is None else f" | MFU {100 * row['mfu']:.1f}%"
+        log.info("step %d/%d | %s | lr %.2e | %.1f samples/s | %.2f it/s%s | eta %s",
                  step, self.cfg.max_steps, losses, lr, row["samples_per_s"], done / max(elapsed, 1e-9),
-                 _fmt_seconds(eta))
+                 mfu_text, _fmt_seconds(eta))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -34,6 +34,7 @@ from ..tasks import TaskOutput, run_task
 from ..tokenization import ClipTokenizer
 from ..utils.io import load_checkpoint_file
 from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .flops import encoder_flops, peak_flops
 from .logger import TrainLogger
 from .optim import build_optimizer, build_scheduler
 from .sampler import StreamBatchSampler, TaskSampler, TaskStream, mix_seed
@@ -132,6 +133,14 @@ class Trainer:
             self._load_init_weights(resolve_path(tcfg.init_from, self.data_root))
         self.model.encoder.activation_checkpointing = tcfg.activation_checkpointing
         self.model.to(self.device)
+        if tcfg.compile:
+            for layer in self.model.encoder.layers:
+                layer.compile()
+        # Model FLOPs of this step's encoder calls (engine/flops.py), for the logged MFU.
+        self.encoder_calls: list[tuple[int, int, int]] = []
+        self.model.encoder.register_forward_pre_hook(self._count_encoder_call, with_kwargs=True)
+        self.peak_flops = peak_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp,
+                                                                                                         torch.float32))
         self._seed_rank_rngs()
 
         used_sets = {t.target_set for t in cfg.tasks if t.train_data is not None and t.target_set}
@@ -160,6 +169,12 @@ class Trainer:
         self.logger = TrainLogger(self.output_dir, tcfg, self.rank == 0, [t.cfg.name for t in self.tasks])
 
     # ------------------------------------------------------------------ setup
+    def _count_encoder_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled():  # training calls (targets included); not evaluation
+            x_BLD = args[0] if args else kwargs["x_BLD"]
+            ctx = args[1] if len(args) > 1 else kwargs.get("ctx")
+            self.encoder_calls.append((x_BLD.shape[0], x_BLD.shape[1], getattr(ctx, "num_segments", 1)))
+
     def _seed_rank_rngs(self) -> None:
         seed = mix_seed(self.cfg.seed, 0x12A4, self.rank)
         torch.manual_seed(seed)
@@ -294,6 +309,7 @@ class Trainer:
         tcfg = self.cfg.train
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        self.encoder_calls = []
         micro_logs = []
         for micro in range(tcfg.grad_accum):
             global_micro = self.step * tcfg.grad_accum + micro
@@ -347,5 +363,6 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} non-finite steps in a row (limit train.max_nonfinite="
                     f"{tcfg.max_nonfinite}); last task {micro_logs[-1][0]} at step {self.step}"
                 )
+        model_flops = sum(encoder_flops(self.cfg.model, b, length, segments) for b, length, segments in self.encoder_calls)
         return {"micro": micro_logs, "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0,
-                "skipped": not finite, "lr": lr}
+                "skipped": not finite, "lr": lr, "model_flops": model_flops, "peak_flops": self.peak_flops}
