@@ -114,18 +114,22 @@ def build(args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     model = UniPerceiver(cfg).to(device).eval()
     gen = torch.Generator().manual_seed(1)
-    pixels = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
-    rows = task_attributes("image_caption")
-    prefix = Sequence([Segment("image", pixels)], attributes_SA=rows[:1].to(device))
     vocab = F.normalize(torch.randn(cfg.vocab_size, cfg.d_model, generator=gen), dim=-1).to(device)
-    return model, prefix, rows[1:].to(device), vocab
+    return model, task_attributes("image_caption").to(device), vocab
+
+
+def make_prefix(model: UniPerceiver, rows: Tensor, batch: int, device: torch.device) -> Sequence:
+    """`batch` random images, the same ones for every run with this batch size."""
+    size = model.cfg.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)).to(device)
+    return Sequence([Segment("image", pixels)], attributes_SA=rows[:1])
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=os.path.join(ROOT, "configs/model/base_moe.yaml"))
     p.add_argument("--image-size", type=int, default=None, help="default: the model config's")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="one or more batch sizes (images)")
     p.add_argument("--beam", type=int, default=2)
     p.add_argument("--len-penalty", type=float, default=2.0)
     p.add_argument("--lengths", type=int, nargs="+", default=[5, 10, 20, 40])
@@ -135,63 +139,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--out-dir", default=RESULTS_DIR)
+    p.add_argument("--static", choices=["auto", "on", "off"], default="auto",
+                   help="cached mode: the static step (auto: on CUDA, where it is replayed as a CUDA graph)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    model, prefix, text_rows, vocab = build(args, device)
-
-    def cached(length: int) -> Tensor:
-        return beam_search(model, prefix, text_rows, vocab, beam_size=args.beam, max_len=length,
-                           len_penalty=args.len_penalty).ids_BT
-
-    def reencode(length: int) -> Tensor:
-        return reencode_beam_search(model, prefix, text_rows, vocab, beam_size=args.beam, max_len=length,
-                                    len_penalty=args.len_penalty)
-
-    modes = {"cached": cached, "reencode": reencode}
-    # Same captions from both decoders (the baseline is the same algorithm, not a straw man).
-    check_len = min(args.lengths)
-    same = None
-    if len(args.modes) == 2:
-        same = bool(torch.equal(cached(check_len), reencode(check_len)))
-        print(f"cached == re-encoded ids at L={check_len}: {same}")
-
-    with torch.no_grad():
-        prefix_times = [_time(lambda: model.encode(prefix, keep_kv=True), device) for _ in range(args.warmup + args.repeats)]
-    prefix_s = statistics.median(prefix_times[args.warmup:])
+    model, rows, vocab = build(args, device)
+    text_rows = rows[1:]
+    static = {"auto": None, "on": True, "off": False}[args.static]
     info = machine_info(device)
     stamp = _dt.datetime.now(_dt.timezone.utc)
-    rows = []
-    print(f"{'mode':<9} {'L':>4} {'ms/token':>10} {'min..max':>17}  (prefix {1000 * prefix_s:.1f} ms, batch "
-          f"{args.batch} x beam {args.beam}, {device})")
-    for length in args.lengths:
-        for mode in args.modes:
-            fn = modes[mode]
-            times = [_time(lambda: fn(length), device) for _ in range(args.warmup + args.repeats)][args.warmup:]
-            per_token = [1000 * (t - prefix_s) / length for t in times]
-            row = {
-                "benchmark": "caption_decoding", "mode": mode, "max_len": length,
-                "ms_per_token_median": statistics.median(per_token), "ms_per_token_min": min(per_token),
-                "ms_per_token_max": max(per_token), "tokens_per_s": 1000 * args.batch / statistics.median(per_token),
-                "prefix_ms": 1000 * prefix_s, "batch": args.batch, "beam": args.beam, "len_penalty": args.len_penalty,
-                "model": os.path.relpath(args.model, ROOT), "d_model": model.cfg.d_model,
-                "num_layers": model.cfg.num_layers, "moe": model.cfg.moe.enabled, "image_size": model.cfg.image_size,
-                "dtype": "float32", "repeats": args.repeats, "warmup": args.warmup, "ids_match": same,
-                "machine": info, "commit": git_commit(), "time": stamp.isoformat(timespec="seconds"),
-            }
-            rows.append(row)
-            print(f"{mode:<9} {length:>4} {row['ms_per_token_median']:>10.2f} "
-                  f"{row['ms_per_token_min']:>8.2f}..{row['ms_per_token_max']:<8.2f}")
+    out_rows, all_same = [], True
+    for batch in args.batch:
+        prefix = make_prefix(model, rows, batch, device)
+
+        def cached(length: int) -> Tensor:
+            return beam_search(model, prefix, text_rows, vocab, beam_size=args.beam, max_len=length,
+                               len_penalty=args.len_penalty, static=static).ids_BT
+
+        def reencode(length: int) -> Tensor:
+            return reencode_beam_search(model, prefix, text_rows, vocab, beam_size=args.beam, max_len=length,
+                                        len_penalty=args.len_penalty)
+
+        modes = {"cached": cached, "reencode": reencode}
+        # Same captions from both decoders (the baseline is the same algorithm, not a straw man).
+        check_len = min(args.lengths)
+        same = None
+        if len(args.modes) == 2:
+            same = bool(torch.equal(cached(check_len), reencode(check_len)))
+            all_same = all_same and same
+            print(f"batch {batch}: cached == re-encoded ids at L={check_len}: {same}")
+
+        with torch.no_grad():
+            prefix_times = [_time(lambda: model.encode(prefix, keep_kv=True), device)
+                            for _ in range(args.warmup + args.repeats)]
+        prefix_s = statistics.median(prefix_times[args.warmup:])
+        print(f"{'mode':<9} {'L':>4} {'ms/token':>10} {'min..max':>17} {'tokens/s':>10}  (prefix "
+              f"{1000 * prefix_s:.1f} ms, batch {batch} x beam {args.beam}, {device})")
+        for length in args.lengths:
+            for mode in args.modes:
+                fn = modes[mode]
+                times = [_time(lambda: fn(length), device) for _ in range(args.warmup + args.repeats)][args.warmup:]
+                per_token = [1000 * (t - prefix_s) / length for t in times]
+                row = {
+                    "benchmark": "caption_decoding", "mode": mode, "max_len": length,
+                    "ms_per_token_median": statistics.median(per_token), "ms_per_token_min": min(per_token),
+                    "ms_per_token_max": max(per_token), "tokens_per_s": 1000 * batch / statistics.median(per_token),
+                    "prefix_ms": 1000 * prefix_s, "batch": batch, "beam": args.beam, "len_penalty": args.len_penalty,
+                    "model": os.path.relpath(args.model, ROOT), "d_model": model.cfg.d_model,
+                    "num_layers": model.cfg.num_layers, "moe": model.cfg.moe.enabled,
+                    "image_size": model.cfg.image_size, "dtype": "float32",
+                    "static_step": (device.type == "cuda") if static is None else static,
+                    "repeats": args.repeats, "warmup": args.warmup, "ids_match": same,
+                    "machine": info, "commit": git_commit(), "time": stamp.isoformat(timespec="seconds"),
+                }
+                out_rows.append(row)
+                print(f"{mode:<9} {length:>4} {row['ms_per_token_median']:>10.2f} "
+                      f"{row['ms_per_token_min']:>8.2f}..{row['ms_per_token_max']:<8.2f} {row['tokens_per_s']:>10.1f}")
+    rows = out_rows
     if not args.no_write:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        path = os.path.join(RESULTS_DIR, f"caption_decoding_{host_kind(device)}_{stamp:%Y%m%d}.jsonl")
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, f"caption_decoding_{host_kind(device)}_{stamp:%Y%m%d}.jsonl")
         with open(path, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         print(f"appended {len(rows)} rows to {path}")
-    return 0 if same in (None, True) else 1
+    return 0 if all_same else 1
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -83,6 +83,13 @@ PRESETS = {
         merged_routers=["attribute", "task", "modality"],
         token_top_k=[1, 2], capacity_factors=[1.0, 1.25, None], routing="uniform",
         warmup=1, repeats=9, peer_repeats=3,
+    ),
+    # The same rows at toy sizes: what `gpu_suite.sh --dry-run` runs on a CPU in CI.
+    "tiny": dict(
+        d_model=32, d_ff=64, experts=4, tokens=256, dtype="float32",
+        merged_routers=["attribute", "task", "modality"],
+        token_top_k=[1, 2], capacity_factors=[1.0, 1.25, None], routing="uniform",
+        warmup=1, repeats=2, peer_repeats=1,
     ),
 }
 
@@ -557,6 +564,7 @@ def main(argv=None) -> int:
 
     if args.preset:
         cases, p = preset_cases(args.preset, args.backend, args.peers, ep_size)
+        cases = [replace(c, dtype=args.dtype) for c in cases]  # a preset's rows in --dtype (default fp32)
         warmup, repeats, peer_repeats = p["warmup"], p["repeats"], p["peer_repeats"]
     else:
         cases = grid_cases(args, ep_size)
