@@ -33,6 +33,7 @@ from .routers import RoutingContext, SegmentDecision, TokenDecision, TokenGating
 from .static import (
     StaticPlan,
     capacity_on_device,
+    compute_dtype,
     grouped_mm_usable,
     make_static_plan,
     run_static,
@@ -169,9 +170,7 @@ def _dispatch(cfg: MoEConfig, x_BLI: Tensor, decision: TokenDecision, expert_fn,
                                   lambda x_MI, counts: expert_fn(x_MI.view(len(counts), counts[0], -1)).flatten(0, 1),
                                   ep)
         else:
-            probe = x_TI.to(torch.get_autocast_dtype(x_TI.device.type)) if torch.is_autocast_enabled(
-                x_TI.device.type) else x_TI
-            layout = "grouped" if grouped_mm_usable(probe, *weights) else "padded"
+            layout = "grouped" if grouped_mm_usable(x_TI.device, compute_dtype(x_TI), *weights) else "padded"
             y_TO = run_static(x_TI, decision.gates_TK, decision.plan, static_fn, layout)
         return y_TO.view(batch, length, -1)
     y_TO = run_dispatched(

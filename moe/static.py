@@ -75,16 +75,16 @@ def capacity_on_device(n_real: Tensor, capacity_factor: float, top_k: int, num_e
     return torch.clamp(slots, min=min_capacity).to(torch.long)
 
 
-def grouped_mm_usable(x: Tensor, *weights: Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs these products: CUDA with sm90+ (its kernels are
-    Hopper's), bf16/fp16 operands, widths multiple of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda":
+def grouped_mm_usable(device: torch.device, dtype: torch.dtype, *weights: Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs products in `dtype` with these weights: CUDA with sm90+
+    (its kernels are Hopper's), bf16/fp16 operands, widths multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or device.type != "cuda":
         return False
-    if x.dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in (torch.bfloat16, torch.float16):
         return False
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
+    if torch.cuda.get_device_capability(device) < (9, 0):
         return False
-    align = 16 // x.element_size()
+    align = 16 * 8 // torch.finfo(dtype).bits  # elements per 16 bytes
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
 
@@ -201,7 +201,8 @@ def combine(y_RO: Tensor, gates_TK: Tensor, plan: StaticPlan, layout: Layout) ->
 
 # --- expert products on the static layouts ------------------------------------------------------
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype products on `x` run in: autocast's when it is on (as F.linear's), else x's."""
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
@@ -214,7 +215,7 @@ def static_linear(x: Tensor, weight_EOI: Tensor, bias_EO: Tensor | None, plan: S
     if out_slice is not None:
         weight_EOI = weight_EOI[:, out_slice]
         bias_EO = None if bias_EO is None else bias_EO[:, out_slice]
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     x, weight_EOI = x.to(dtype), weight_EOI.to(dtype)
     bias_EO = None if bias_EO is None else bias_EO.to(dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
