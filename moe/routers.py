@@ -85,8 +85,12 @@ class RoutingContext:
         """Segment number of every sequence position (for broadcasting segment decisions)."""
         if self.segment_starts[-1] >= length and self.num_segments > 1:
             raise ValueError(f"segment_starts {self.segment_starts} do not fit a sequence of {length}")
-        starts_S = torch.tensor(self.segment_starts, device=device)
-        return torch.bucketize(torch.arange(length, device=device), starts_S, right=True) - 1
+        # Built on the device from the (host) starts: no host-to-device copy, CUDA-graph safe.
+        positions_L = torch.arange(length, device=device)
+        seg_L = torch.zeros(length, dtype=torch.long, device=device)
+        for start in self.segment_starts[1:]:
+            seg_L += positions_L >= start
+        return seg_L
 
 
 @dataclass
