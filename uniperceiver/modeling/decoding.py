@@ -66,6 +66,7 @@ class StaticDecoder:
         self.beam_size, self.max_len = beam_size, max_len
         self.eot = eot
         self.vocab_token_ids_V = vocab_token_ids_V
+        self.prefix_len = 0  # set by `start`
         if max_len > model.cfg.max_text_positions:
             raise ValueError(f"max_len={max_len} > max_text_positions={model.cfg.max_text_positions}")
 
@@ -96,6 +97,7 @@ class StaticDecoder:
             value[:, :, :p] = c.value_BHMd.repeat_interleave(k, 0)
             caches.append(LayerCache(key, value))
         p = prefix_caches[0].key_BHMd.shape[2]
+        self.prefix_len = p
         return DecodeState(
             caches=caches,
             filled=torch.tensor(p, device=device),
@@ -122,9 +124,12 @@ class StaticDecoder:
             state.seq_logprob_BK1, state.seq_mask_BK1, word_logprob_BKV, previous, k, self.eot)
 
         rows_X = (torch.arange(b, device=device)[:, None] * k + selected_beam_BK).reshape(-1)
-        for cache in state.caches:  # in place: the buffers keep their addresses (CUDA graphs)
-            cache.key_BHMd.copy_(cache.key_BHMd.index_select(0, rows_X))
-            cache.value_BHMd.copy_(cache.value_BHMd.index_select(0, rows_X))
+        # Beams move within their image, whose prefix slots every beam shares: only the word
+        # slots are reordered. In place: the buffers keep their addresses (CUDA graphs).
+        p = self.prefix_len
+        for cache in state.caches:
+            for buf_XHMd in (cache.key_BHMd, cache.value_BHMd):
+                buf_XHMd[:, :, p:].copy_(buf_XHMd[:, :, p:].index_select(0, rows_X))
         if first:
             state.seq_logprob_BK1 = selected_logprob_BK.unsqueeze(-1).contiguous()
         else:
