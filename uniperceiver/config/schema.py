@@ -199,12 +199,19 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str | None = None  # model weights to start from (a converted/saved model file)
     tensorboard: bool = True
+    # FSDP2 (fully_shard) instead of DDP: parameters, gradients and optimizer states sharded over
+    # the ranks (experts placed by expert parallelism excepted); checkpoints are then
+    # distributed (DCP) directories. On GPU with amp=bf16, parameters compute in bf16 and
+    # gradients reduce in fp32.
+    fsdp: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "checkpoint_every", "keep_last", "log_every", "grad_accum", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fsdp and self.amp == "fp16":
+            raise ValueError("fsdp=true supports amp none or bf16, not fp16 (loss scaling of sharded gradients)")
 
 
 @dataclass

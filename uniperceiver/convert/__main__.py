@@ -1,11 +1,14 @@
 """python -m uniperceiver.convert --from {official,deepspeed,official-dense} IN OUT [options]
 python -m uniperceiver.convert --to official IN OUT
+python -m uniperceiver.convert --consolidate DCP_DIR OUT.pt
 
 --from writes a file that `UniPerceiver.from_pretrained` loads. Model sizes come from the tensor
 shapes; what shapes cannot tell (heads, or a resolution other than the checkpoint's) comes from
 `--num-heads` or `--set key=value` (model config keys, e.g. image_size=224 posembed_scale=0.7142857).
 --to official writes our model file IN as an official checkpoint (for the release's code) and
 prints the --from command that converts it back to IN.
+--consolidate writes the single model file (every expert) of a sharded run's distributed
+checkpoint directory (or of a run directory: its newest complete checkpoint).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="fmt", choices=["official", "deepspeed", "official-dense"])
     direction.add_argument("--to", dest="to", choices=["official"], help="our model file -> an official checkpoint")
+    direction.add_argument("--consolidate", action="store_true",
+                           help="IN is a distributed (DCP) training checkpoint directory: write its full model")
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--num-heads", type=int, default=None,
@@ -36,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.to is not None:
         return _export(args.input, args.output)
+    if args.consolidate:
+        return _consolidate(args.input, args.output)
     try:
         report = convert_file(args.input, args.output, args.fmt, num_heads=args.num_heads,
                               overrides=args.set, fold_visual_type=args.fold)
@@ -55,6 +62,19 @@ def _export(src: str, dst: str) -> int:
         return 1
     print(f"wrote {dst}")
     print("back: python -m uniperceiver.convert " + " ".join(shlex.quote(a) for a in back))
+    return 0
+
+
+def _consolidate(directory: str, output: str) -> int:
+    from ..engine.dcp import consolidate
+
+    try:
+        report = consolidate(directory, output)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"wrote {output}")
     return 0
 
 

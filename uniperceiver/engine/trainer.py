@@ -33,6 +33,8 @@ from ..modeling.model import UniPerceiver, load_state_dict_strict
 from ..tasks import TaskOutput, run_task
 from ..tokenization import ClipTokenizer
 from ..utils.io import load_checkpoint_file
+from . import dcp
+from . import fsdp as fsdp_lib
 from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .flops import encoder_flops, peak_flops
 from .logger import TrainLogger
@@ -151,7 +153,12 @@ class Trainer:
         self.sampler = TaskSampler([t.cfg.sampling_weight for t in self.tasks], cfg.seed, self.rank, tcfg.sampling)
 
         self.step_module = TrainStep(self.model)
-        if self.world > 1:
+        # Sharded runs (FSDP; expert parallelism) write distributed checkpoints (engine/dcp.py).
+        self.sharded = tcfg.fsdp
+        self.fsdp_root: nn.Module | None = None
+        if tcfg.fsdp and self.world > 1:
+            self.fsdp_root = self.ddp = fsdp_lib.wrap_train_step(self.step_module, self.model, device_type, tcfg.amp)
+        elif self.world > 1:
             self.ddp: nn.Module = DDP(self.step_module, device_ids=[self.device.index] if device_type == "cuda" else None,
                                       find_unused_parameters=True)
         else:
@@ -217,9 +224,19 @@ class Trainer:
         return next(task.iterator)
 
     # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+
     def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None}
+        rng = self._rng_state()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -233,6 +250,10 @@ class Trainer:
         }
 
     def save(self) -> None:
+        if self.sharded:
+            path = dcp.save_trainer(self)
+            log.info("saved %s", path)
+            return
         state = self.state_dict()  # every rank joins the RNG gather
         if self.rank == 0:
             path = save_checkpoint(state, self.output_dir, self.step, self.cfg.train.keep_last)
@@ -241,9 +262,18 @@ class Trainer:
 
     def resume(self) -> bool:
         found = load_latest_checkpoint(self.output_dir)
+        sharded = dcp.latest_dcp_checkpoint(self.output_dir)
+        if sharded is not None and (found is None or sharded[0] >= int(found[0]["step"])):
+            dcp.resume_trainer(self, sharded[1])
+            log.info("resumed from %s at step %d", sharded[1], self.step)
+            return True
         if found is None:
             return False
         state, path = found
+        if self.fsdp_root is not None:
+            raise dcp.DcpCheckpointError(
+                f"{path}: a replicated run's checkpoint cannot resume a train.fsdp=true run; resume it with "
+                "train.fsdp=false, or start from its weights with train.init_from")
         load_state_dict_strict(self.model, state["model"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -252,12 +282,7 @@ class Trainer:
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         rngs = state.get("rng") or []
         if len(rngs) == self.world:
-            rng = rngs[self.rank]
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
-            if rng.get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"])
+            self._set_rng_state(rngs[self.rank])
         else:
             log.warning("checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(rngs), self.world)
         log.info("resumed from %s at step %d", path, self.step)
@@ -326,8 +351,11 @@ class Trainer:
                     for n in sorted(names)}
             if task.cfg.target_set:
                 batch = batch.with_vocabulary_rows(sets[task.cfg.target_set])
-            # Accumulate locally; DDP all-reduces on the last micro-batch only.
-            sync = contextlib.nullcontext() if micro == tcfg.grad_accum - 1 or self.world == 1 else self.ddp.no_sync()
+            # Accumulate locally; DDP all-reduces (FSDP reduce-scatters) on the last micro-batch only.
+            last = micro == tcfg.grad_accum - 1
+            if self.fsdp_root is not None:
+                fsdp_lib.set_gradient_sync(self.fsdp_root, last)
+            sync = contextlib.nullcontext() if last or self.world == 1 or self.fsdp_root is not None else self.ddp.no_sync()
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
             with sync:
                 with autocast:
@@ -341,7 +369,12 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.unscale_(self.optimizer)
         clip = tcfg.optim.clip_grad if tcfg.optim.clip_grad is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.fsdp_root is not None:
+            fsdp_lib.reduce_replicated_grads(fsdp_lib.replicated_parameters(self.model))
+            fsdp_lib.drop_globally_unused_grads(fsdp_lib.fsdp_parameters(self.model))
+            grad_norm = fsdp_lib.clip_grad_norm_(self.model.parameters(), clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         # Gradients are averaged over ranks already, so every rank takes the same decision here.
         finite = bool(torch.isfinite(grad_norm))
         if tcfg.amp == "fp16":

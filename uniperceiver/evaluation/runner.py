@@ -66,7 +66,15 @@ def _load_blob(path: str | os.PathLike) -> Any:
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state dict, saved model config or None) from a model file (`save_pretrained`, the
     converter), a training checkpoint ({'model', 'config', ...}, config = the run config) or a
-    bare state dict."""
+    bare state dict; or a distributed (DCP) training checkpoint directory, consolidated."""
+    if os.path.isdir(path):
+        from ..engine.dcp import DcpCheckpointError, consolidate_model_state
+
+        try:
+            state, run_cfg = consolidate_model_state(path)
+        except DcpCheckpointError as exc:
+            raise EvalInputError(str(exc)) from exc
+        return state, run_cfg.get("model")
     blob = _load_blob(path)
     if not isinstance(blob, dict):
         raise EvalInputError(f"checkpoint {path}: expected a dict, got {type(blob).__name__}")

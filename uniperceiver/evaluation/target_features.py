@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -29,10 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 24) -> str:
+    """sha256 of a file; of a directory (a distributed checkpoint), of its files' names and
+    contents in name order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
+    paths = sorted(p for p in Path(path).iterdir() if p.is_file()) if os.path.isdir(path) else [Path(path)]
+    for p in paths:
+        if os.path.isdir(path):
+            h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(block):
+                h.update(chunk)
     return h.hexdigest()
 
 
