@@ -37,7 +37,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from .checkpoint import checkpoint_dir
 
@@ -192,6 +197,22 @@ def load_dcp(state: dict[str, Any], path: str | Path, no_dist: bool = False) -> 
         raise DcpCheckpointError(f"distributed checkpoint {path} does not fit this run: {exc}") from exc
 
 
+def prune_to_saved(template: dict[str, Any], keys: set[str] | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`template` without the entries the checkpoint lacks (DCP's flattened key names). A fresh
+    optimizer has states for every parameter; a saved one only for those that ever had a
+    gradient, which is what a resumed run must continue from."""
+    out: dict[str, Any] = {}
+    for k, v in template.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            sub = prune_to_saved(v, keys, name + ".")
+            if sub or not v:
+                out[k] = sub
+        elif name in keys or any(key.startswith(name + ".") for key in keys):
+            out[k] = v
+    return out
+
+
 def rng_key(rank: int) -> str:
     return f"rank{rank:05d}"
 
@@ -272,15 +293,24 @@ def resume_trainer(trainer, path: Path) -> None:
         differs = sorted(k for k in set(ours) | set(saved_cfg) if ours.get(k) != saved_cfg.get(k))
         if differs:
             log.warning("checkpoint %s was written with other model settings: %s", path, differs)
-    state = _trainer_state(trainer)
     keys = saved_keys(path)
+    state = _trainer_state(trainer)
+    state["optimizer"] = prune_to_saved(state["optimizer"], keys, "optimizer.")
     own_rng = f"rng.{rng_key(trainer.rank)}"
     same_world = info.get("world_size") == trainer.world and own_rng in keys
     if same_world:
         state["rng"] = {rng_key(trainer.rank): None}
     load_dcp(state, path, no_dist=not dist.is_initialized())
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+    set_model_state_dict(trainer.model, state["model"])
+    # strict=False: parameters that never had a gradient have no saved state ...
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, state["optimizer"],
+                             options=StateDictOptions(strict=False))
+    # ... and must have none now (not the zeros a fresh state dict starts from), or AdamW's
+    # step count and bias correction would differ from the uninterrupted run.
+    saved_states = set((state["optimizer"].get("state") or {}).keys())
+    for name, param in trainer.model.named_parameters():
+        if name not in saved_states:
+            trainer.optimizer.state.pop(param, None)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.step = int(state["trainer"]["step"])
