@@ -189,6 +189,10 @@ class Trainer:
         random.seed(seed)
 
     def _load_init_weights(self, path: str) -> None:
+        if Path(path).is_dir():  # a sharded run's distributed checkpoint
+            state, _ = dcp.consolidate_model_state(path)
+            load_state_dict_strict(self.model, state, source=path)
+            return
         blob = load_checkpoint_file(path, weights_only=False)
         state = blob.get("model", blob) if isinstance(blob, dict) else blob
         load_state_dict_strict(self.model, state, source=path)
