@@ -122,9 +122,19 @@ def test_rotation_keeps_the_newest_complete_ones(tmp_path):
     assert names == ["step_00000003", "step_00000004"]
     info = json.loads((tmp_path / "checkpoints" / "step_00000004" / dcp.MARKER).read_text())
     assert info["step"] == 4 and info["format"] == dcp.FORMAT
-    # Re-writing an existing step keeps a valid checkpoint there at every instant and replaces it.
-    _single(tmp_path, 4)
+    # Re-writing an existing complete step keeps it (a valid checkpoint at every instant) ...
+    before = (tmp_path / "checkpoints" / "step_00000004" / "__0_0.distcp").read_bytes()
+    state = {"model": {"w": torch.full((3,), -1.0)}, "trainer": {"step": 4}}
+    dcp.save_dcp(state, tmp_path, 4, 2, info={"world_size": 1})
     assert [s for s, _ in dcp.list_dcp_checkpoints(tmp_path)] == [3, 4]
+    assert (tmp_path / "checkpoints" / "step_00000004" / "__0_0.distcp").read_bytes() == before
+    assert not list((tmp_path / "checkpoints").glob("*.partial"))
+    # ... while a marker-less leftover under the final name (a killed write) is replaced.
+    (tmp_path / "checkpoints" / "step_00000004" / dcp.MARKER).unlink()
+    dcp.save_dcp(state, tmp_path, 4, 2, info={"world_size": 1})
+    loaded = {"model": {"w": torch.zeros(3)}, "trainer": {"step": 0}}
+    dcp.load_dcp(loaded, tmp_path / "checkpoints" / "step_00000004")
+    assert torch.equal(loaded["model"]["w"], torch.full((3,), -1.0))
 
 
 def _mixed_norm(rank, world):

@@ -150,16 +150,14 @@ def save_dcp(state: dict[str, Any], output_dir: str | Path, step: int, keep_last
         marker = {"format": FORMAT, "step": step, **info}
         _atomic_write_text(partial / MARKER, json.dumps(marker, indent=1, sort_keys=True, default=str))
         _fsync_dir(partial)
-        if final.exists():
-            # Only if this run wrote the same step before (e.g. a resumed run re-saving it):
-            # move the old one aside first, so a valid checkpoint exists at every instant.
-            aside = final.with_name(final.name + ".replaced")
-            if aside.exists():
-                shutil.rmtree(aside)
-            os.replace(final, aside)
-            os.replace(partial, final)
-            shutil.rmtree(aside)
+        if is_dcp_checkpoint(final):
+            # This step was saved before (a rerun re-reaching it): the complete one stays, so a
+            # valid checkpoint exists at every instant; the new copy is dropped.
+            log.warning("%s exists and is complete: keeping it", final)
+            shutil.rmtree(partial)
         else:
+            if final.exists():  # a marker-less leftover of a killed write under the final name
+                shutil.rmtree(final)
             os.replace(partial, final)
         _fsync_dir(final.parent)
         _rotate(output_dir, step, keep_last)
