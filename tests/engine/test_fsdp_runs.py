@@ -165,3 +165,16 @@ def test_torchrun_tiny_cpu_with_fsdp(tmp_path):
                     nproc=2, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert dcp.is_dcp_checkpoint(tmp_path / "out" / "checkpoints" / "step_00000002")
+
+
+def test_checkpoint_of_another_model_fails_clearly(runs, tmp_path):
+    from uniperceiver.config import ConfigError, RunConfig, load_config
+    from uniperceiver.engine import Trainer
+
+    src_cfg, src_out = runs["fsdp"]
+    shutil.copytree(src_out / "checkpoints" / "step_00000005", tmp_path / "out" / "checkpoints" / "step_00000005")
+    cfg = load_config(RunConfig, str(src_cfg), [f"train.output_dir={tmp_path / 'out'}", "model.d_ffn=96"])
+    trainer = Trainer(cfg)
+    with pytest.raises(ConfigError, match=r"step_00000005 does not match this run's model: wrong shape \(\d+\): "
+                                          r"encoder\.layers\.\d\.fc1"):  # a ConfigError: the CLI exits 2
+        trainer.resume()

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..config import ConfigError
 from .checkpoint import checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ _NAME = re.compile(r"^step_(\d{8})$")
 _PARTIAL_NAME = re.compile(r"^step_(\d{8})\.partial$")
 
 
-class DcpCheckpointError(ValueError):
-    """A DCP directory that cannot be used for this run (names the directory and the reason)."""
+class DcpCheckpointError(ConfigError):
+    """A DCP directory that cannot be used for this run (names the directory and the reason):
+    bad input, so the CLIs exit 2 with this one line."""
 
 
 def dcp_path(output_dir: str | Path, step: int) -> Path:
@@ -195,6 +197,23 @@ def load_dcp(state: dict[str, Any], path: str | Path, no_dist: bool = False) -> 
         raise DcpCheckpointError(f"distributed checkpoint {path} does not fit this run: {exc}") from exc
 
 
+def check_model_fits(model_sd: dict[str, Any], keys: dict[str, Any], path: str | Path) -> None:
+    """Every model tensor of this run exists in the checkpoint with the same global shape (the
+    layout may differ: DCP reshards); else one error listing what does not fit."""
+    missing, shapes, unexpected = [], [], []
+    for name, t in model_sd.items():
+        meta = keys.get(f"model.{name}")
+        if meta is None:
+            missing.append(name)
+        elif isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(t.shape):
+            shapes.append(f"{name}: checkpoint {tuple(meta.size)} vs model {tuple(t.shape)}")
+    unexpected = sorted(k[len("model."):] for k in keys if k.startswith("model.") and k[len("model."):] not in model_sd)
+    if missing or shapes or unexpected:
+        parts = [f"{title} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                 for title, items in (("missing", missing), ("wrong shape", shapes), ("unexpected", unexpected)) if items]
+        raise DcpCheckpointError(f"distributed checkpoint {path} does not match this run's model: " + "; ".join(parts))
+
+
 def prune_to_saved(template: dict[str, Any], keys: set[str] | dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """`template` without the entries the checkpoint lacks (DCP's flattened key names). A fresh
     optimizer has states for every parameter; a saved one only for those that ever had a
@@ -293,6 +312,7 @@ def resume_trainer(trainer, path: Path) -> None:
             log.warning("checkpoint %s was written with other model settings: %s", path, differs)
     keys = saved_keys(path)
     state = _trainer_state(trainer)
+    check_model_fits(state["model"], keys, path)
     state["optimizer"] = prune_to_saved(state["optimizer"], keys, "optimizer.")
     own_rng = f"rng.{rng_key(trainer.rank)}"
     same_world = info.get("world_size") == trainer.world and own_rng in keys
