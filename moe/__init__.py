@@ -2,8 +2,9 @@
 
 Module map: config (MoEConfig) -> routers (who decides) -> dispatch (plans) / merge (merged
 weights) -> experts (row-block compute) -> backends (torch, tutel) -> layer (MoELinear, MoEFFN);
-losses and stats are returned on decisions; parallel (expert parallelism, DDP helpers);
-checkpoint (expert shards with global ids, resharding).
+losses and stats are returned on decisions; parallel (expert parallelism, DDP helpers).
+Checkpoints of sharded experts are the trainer's distributed checkpoints
+(torch.distributed.checkpoint reshards them), not this package's business.
 """
 from .config import DATA_INDEPENDENT_ROUTERS, TOKEN_ROUTERS, MoEConfig
 from .dispatch import DispatchPlan, make_plan

@@ -50,7 +50,7 @@ class MoELinear(nn.Module):
 
     `has_router=False` builds a layer that always receives a sibling's decision.
     `ep_group`: shard the experts over this expert-parallel process group (this rank keeps
-    E / group size of them in `weight_EOI`; see `moe.checkpoint` for resharding).
+    E / group size of them in `weight_EOI`).
     """
 
     EXPERT_PARAMS = ("weight_EOI", "bias_EO")

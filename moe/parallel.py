@@ -45,7 +45,7 @@ class ExpertParallel:
     @classmethod
     def from_group(cls, group: ProcessGroup | ExpertParallel | None, num_experts: int) -> ExpertParallel:
         """`group` may also be an `ExpertParallel` (with group None: a "virtual" shard, used to
-        build one rank's model offline, e.g. to reshard checkpoints; it cannot run forward)."""
+        build one rank's model offline; it cannot run forward)."""
         if isinstance(group, ExpertParallel):
             if group.num_experts != num_experts:
                 raise ValueError(f"ExpertParallel has num_experts={group.num_experts}, layer {num_experts}")
