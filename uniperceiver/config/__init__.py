@@ -15,6 +15,8 @@ from uniperceiver.config.model import (  # noqa: F401 -- re-exports
     TEMPERATURE_NAMES,
     ModelConfig,
     ModelMoEConfig,
+    PromptConfig,
+    RELEASE_PROMPT_TRAINABLE,
 )
 from uniperceiver.config.schema import (  # noqa: F401 -- re-exports
     DEFAULT_TEMPERATURE,

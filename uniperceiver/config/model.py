@@ -69,6 +69,70 @@ class ModelMoEConfig:
         return list(range(start, num_layers, step))
 
 
+# The release's PROMPT_PARAM (OFFICIAL.md 1.5): with prompt tuning on, a parameter trains iff its
+# name contains one of these substrings (our names keep these words where the release has them).
+RELEASE_PROMPT_TRAINABLE = (
+    "s_token_bias",
+    "norm",
+    "prompt_embed",
+    "deep_prompt_embedding",
+    "fc_prompt",
+    "similarity_weight",
+    "ln_post",
+)
+
+
+@dataclass
+class PromptConfig:
+    """Prompt tuning as the release does it (OFFICIAL.md 1.5; shared/reference/official_prompt).
+
+    Off by default: nothing is built and the model is the plain one.
+    """
+
+    enabled: bool = False
+    # A learned [1, D] bias added to the word embedding of every <|spe|> token (the [SPE] prefix,
+    # MLM masks, caption queries) before position, type and LayerNorm.
+    s_token_bias: bool = True
+    # Deep prompts: per layer, learned key/value tokens passed through that layer's norm1 and
+    # prepended to the keys and values only (never masked, no position/type embedding).
+    deep_prompt: bool = True
+    input_length: int = 10
+    # shared: targets (class names, vocabulary, retrieval captions) use the input prompts;
+    # otherwise each layer also holds target prompts of `target_length` tokens.
+    shared: bool = True
+    target_length: int = 10
+    # FC prompt: logit = similarity_weight * logit + fc_prompt(feature) for classification, on the
+    # projected feature before L2 normalisation; 0 = off. Its Linear starts at zero.
+    fc_prompt_out: int = 0
+    # Classification tasks (by name) that get the FC prompt; empty = every classification task.
+    fc_prompt_tasks: list[str] = field(default_factory=list)
+    # "learn": a scalar parameter starting at `similarity_weight_value`; "fixed": the constant
+    # (the release's 'zero' is fixed at 0.0).
+    similarity_weight: Literal["learn", "fixed"] = "learn"
+    similarity_weight_value: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("input_length", "target_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"prompt.{name} must be >= 1, got {getattr(self, name)}")
+        if self.fc_prompt_out < 0:
+            raise ValueError(f"prompt.fc_prompt_out must be >= 0 (0 = off), got {self.fc_prompt_out}")
+        if self.fc_prompt_tasks and not self.fc_prompt_out:
+            raise ValueError("prompt.fc_prompt_tasks is set but prompt.fc_prompt_out is 0 (FC prompt off)")
+
+    @property
+    def deep(self) -> bool:
+        return self.enabled and self.deep_prompt
+
+    @property
+    def separate_target(self) -> bool:
+        return self.deep and not self.shared
+
+    @property
+    def fc(self) -> bool:
+        return self.enabled and self.fc_prompt_out > 0
+
+
 @dataclass
 class ModelConfig:
     """The shared encoder, its modality tokenizers and the similarity predictor."""
@@ -100,6 +164,7 @@ class ModelConfig:
     temperature_cap: float = 100.0
     temperatures: list[str] = field(default_factory=lambda: list(TEMPERATURE_NAMES))
     moe: ModelMoEConfig = field(default_factory=ModelMoEConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -120,6 +185,12 @@ class ModelConfig:
         if len(set(self.temperatures)) != len(self.temperatures):
             raise ValueError(f"temperatures has duplicates: {self.temperatures}")
         self.moe.layer_indices(self.num_layers)  # validates layer_ids
+        if self.prompt.deep and self.moe.enabled and not self.moe.routing.data_independent:
+            # The prompt keys/values would need their own token routing decisions.
+            raise ValueError(
+                f"prompt.deep_prompt needs a data-independent router, not moe.routing.router="
+                f"{self.moe.routing.router!r}"
+            )
 
     @property
     def head_dim(self) -> int:

@@ -198,6 +198,10 @@ class TrainConfig:
     num_workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str | None = None  # model weights to start from (a converted/saved model file)
+    # The freezing rule: a parameter trains iff its name contains one of these substrings.
+    # None: everything trains, except with model.prompt.enabled, where the release's list
+    # (RELEASE_PROMPT_TRAINABLE) applies.
+    trainable: list[str] | None = None
     tensorboard: bool = True
     # FSDP2 (fully_shard) instead of DDP: parameters, gradients and optimizer states sharded over
     # the ranks (experts placed by expert parallelism excepted); checkpoints are then
@@ -212,6 +216,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fsdp and self.amp == "fp16":
             raise ValueError("fsdp=true supports amp none or bf16, not fp16 (loss scaling of sharded gradients)")
+        if self.trainable is not None and (not self.trainable or not all(self.trainable)):
+            raise ValueError(f"trainable must be a non-empty list of non-empty substrings, got {self.trainable}")
 
 
 @dataclass
@@ -250,6 +256,14 @@ class RunConfig:
                 raise ValueError(
                     f"task {task.name!r} uses target_set {task.target_set!r}, not defined in target_sets "
                     f"(defined: {sorted(self.target_sets)})"
+                )
+        for name in self.model.prompt.fc_prompt_tasks:
+            if name not in names:
+                raise ValueError(f"model.prompt.fc_prompt_tasks names {name!r}, not a task (tasks: {names})")
+            if self.task(name).type not in ("image_classification", "video_classification"):
+                raise ValueError(
+                    f"model.prompt.fc_prompt_tasks: {name!r} is a {self.task(name).type} task; the FC "
+                    "prompt applies to image/video classification only"
                 )
         if self.model.moe.enabled and self.model.moe.routing.router == "task":
             if len(self.tasks) > self.model.moe.routing.num_tasks:

@@ -16,11 +16,57 @@ from torch import Tensor
 from ..config import to_dict
 from ..modeling.model import UniPerceiver
 from ..utils.io import atomic_torch_save
-from .official import _PLAIN, _SPATIAL, _VISUAL_TYPE, infer_model_config
+from .official import _DEEP_PROMPT, _PLAIN, _PROMPT_PLAIN, _SPATIAL, _VISUAL_TYPE, infer_model_config
 
 _SUB_OFFICIAL = {"qkv": "self_attn.qkv_proj", "attn_out": "self_attn.dense", "fc1": "linear1", "fc2": "linear2"}
+_INVERSE_PLAIN = {ours: official for official, ours in _PLAIN.items()}
+_INVERSE_PROMPT = {ours: official for official, ours in _PROMPT_PLAIN.items()}
+_INVERSE_DEEP_PROMPT = {ours: official for official, ours in _DEEP_PROMPT.items()}
 _DENSE_MHA = {"qkv.weight": "self_attn.in_proj_weight", "qkv.bias": "self_attn.in_proj_bias",
               "attn_out.weight": "self_attn.out_proj.weight", "attn_out.bias": "self_attn.out_proj.bias"}
+
+
+def official_names(key: str, model: UniPerceiver, dense_mha: bool | None = None) -> list[str]:
+    """Every official state-dict name of our state-dict entry `key`, the official model's first
+    name (the one its `named_parameters()` reports) first. Expert tensors [E, ...] are one per
+    expert in the official model: their names are listed in expert order."""
+    cfg = model.cfg
+    dense_mha = (not cfg.moe.enabled) if dense_mha is None else dense_mha
+    if key in _INVERSE_PLAIN:
+        name = _INVERSE_PLAIN[key]
+        # The release registers its shared embedding LayerNorm under both tokenizers.
+        return [name, name.replace("token_embed", "video_embed")] if key.startswith("embed.norm.") else [name]
+    if key in _INVERSE_PROMPT:
+        name = _INVERSE_PROMPT[key]
+        # ...and s_token_bias on the model and on the token embedding.
+        return [name, "token_embed.s_token_bias"] if name == "s_token_bias" else [name]
+    if key.startswith("predictor.logit_scale."):
+        return [f"loss_prepare.logit_scale_{key.rsplit('.', 1)[1]}"]
+    if key == "embed.visual_type.weight":
+        return [_VISUAL_TYPE]
+    if key.startswith("encoder.layers."):
+        _, _, layer, rest = key.split(".", 3)
+        prefix = f"fused_encoder.layers.{layer}."
+        sub, _, leaf = rest.partition(".")
+        if sub in ("gamma_1", "gamma_2", "norm1", "norm2"):
+            return [prefix + rest]
+        if rest in _INVERSE_DEEP_PROMPT:
+            return [prefix + _INVERSE_DEEP_PROMPT[rest]]
+        if dense_mha and rest in _DENSE_MHA:
+            return [prefix + _DENSE_MHA[rest]]
+        if leaf in ("weight", "bias"):
+            return [f"{prefix}{_SUB_OFFICIAL[sub]}.{leaf}"]
+        if leaf in ("weight_EOI", "bias_EO"):
+            name = "weight" if leaf == "weight_EOI" else "bias"
+            return [f"{prefix}{_SUB_OFFICIAL[sub]}.experts.deepspeed_experts.{e}.{name}"
+                    for e in range(cfg.moe.routing.num_experts)]
+        if leaf.startswith("router."):
+            names = [f"{prefix}{_SUB_OFFICIAL[sub]}.gate.{leaf[len('router.'):]}"]
+            twin = {"qkv": "attn_out", "fc1": "fc2"}.get(sub)
+            if twin and cfg.moe.share_decisions and twin in cfg.moe.sublayers:
+                names.append(f"{prefix}{_SUB_OFFICIAL[twin]}.gate.{leaf[len('router.'):]}")
+            return names
+    raise KeyError(f"no official name for {key}")
 
 
 def to_official_state_dict(model: UniPerceiver, dense_mha_names: bool | None = None) -> dict[str, Tensor]:
@@ -28,41 +74,18 @@ def to_official_state_dict(model: UniPerceiver, dense_mha_names: bool | None = N
     format) unless `dense_mha_names=False`. Sublayers that reuse a sibling's decision get a copy
     of its router, as the official model holds (unused) gates there."""
     sd = model.state_dict()
-    dense_mha = (not model.cfg.moe.enabled) if dense_mha_names is None else dense_mha_names
-    inverse_plain = {ours: official for official, ours in _PLAIN.items()}
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
-        if key in inverse_plain:
-            out[inverse_plain[key]] = value
-            if key.startswith("embed.norm."):
-                out[inverse_plain[key].replace("token_embed", "video_embed")] = value
-        elif key.startswith("predictor.logit_scale."):
-            out[f"loss_prepare.logit_scale_{key.rsplit('.', 1)[1]}"] = value
-        elif key == "embed.visual_type.weight":
-            out[_VISUAL_TYPE] = value
-        elif key.startswith("encoder.layers."):
-            _, _, layer, rest = key.split(".", 3)
-            prefix = f"fused_encoder.layers.{layer}."
-            sub, _, leaf = rest.partition(".")
-            if sub in ("gamma_1", "gamma_2", "norm1", "norm2"):
-                out[prefix + rest] = value
-            elif dense_mha and rest in _DENSE_MHA:
-                out[prefix + _DENSE_MHA[rest]] = value
-            elif leaf in ("weight", "bias"):
-                out[f"{prefix}{_SUB_OFFICIAL[sub]}.{leaf}"] = value
-            elif leaf in ("weight_EOI", "bias_EO"):
-                name = "weight" if leaf == "weight_EOI" else "bias"
-                for e in range(value.shape[0]):
-                    out[f"{prefix}{_SUB_OFFICIAL[sub]}.experts.deepspeed_experts.{e}.{name}"] = value[e]
-            elif leaf.startswith("router."):
-                out[f"{prefix}{_SUB_OFFICIAL[sub]}.gate.{leaf[len('router.'):]}"] = value
-                twin = {"qkv": "attn_out", "fc1": "fc2"}.get(sub)
-                if twin and model.cfg.moe.share_decisions and twin in model.cfg.moe.sublayers:
-                    out[f"{prefix}{_SUB_OFFICIAL[twin]}.gate.{leaf[len('router.'):]}"] = value.clone()
-            else:
-                raise KeyError(f"no official name for {key}")
+        names = official_names(key, model, dense_mha_names)
+        if key.endswith(("weight_EOI", "bias_EO")):
+            out.update({name: value[e] for e, name in enumerate(names)})
+        elif ".router." in key:
+            out[names[0]] = value
+            out.update({name: value.clone() for name in names[1:]})  # the unused twin gate
         else:
-            raise KeyError(f"no official name for {key}")
+            out.update({name: value for name in names})
+    if "similarity_weight" in out:
+        out["similarity_weight"] = out["similarity_weight"].reshape(())
     out[_SPATIAL] = model.embed.spatial_pos.detach().clone()
     if _VISUAL_TYPE not in out:
         out[_VISUAL_TYPE] = torch.zeros(1, model.cfg.d_model)

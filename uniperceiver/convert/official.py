@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..config.model import ModelConfig, ModelMoEConfig
+from ..config.model import ModelConfig, ModelMoEConfig, PromptConfig
 from ..modeling.embeddings import sincos_2d_table
 
 SourceFormat = Literal["official", "official-dense", "deepspeed"]
@@ -66,6 +66,17 @@ _PLAIN = {
     "loss_prepare.ln_post.bias": "predictor.ln_post.bias",
     "loss_prepare.proj.weight": "predictor.proj.weight",
     "loss_prepare.proj.bias": "predictor.proj.bias",
+}
+# Prompt-tuning tensors (OFFICIAL.md 1.5): official name -> ours.
+_PROMPT_PLAIN = {
+    "s_token_bias": "embed.s_token_bias",
+    "similarity_weight": "predictor.similarity_weight",
+    "fc_prompt.weight": "predictor.fc_prompt.weight",
+    "fc_prompt.bias": "predictor.fc_prompt.bias",
+}
+_DEEP_PROMPT = {  # per layer: official leaf -> ours
+    "deep_prompt_embedding.embedding.weight": "deep_prompt_embedding.input_PD",
+    "deep_prompt_embedding.target_embedding.weight": "deep_prompt_embedding.target_PD",
 }
 _SPATIAL = "video_embed.embeddings_st_pos.spatial_pos_embed.weight"
 _VISUAL_TYPE = "video_embed.embeddings_type.weight"
@@ -167,6 +178,7 @@ def infer_model_config(sd: dict[str, Tensor], num_heads: int | None = None) -> M
         )
         if moe_layers == list(range(0, num_layers, 2)):
             moe.layers, moe.layer_ids = "even", None
+    prompt = infer_prompt_config(sd, layer_ids[0])
     grid = int(round(math.sqrt(sd[_SPATIAL].shape[0]))) if _SPATIAL in sd else 14
     scale = _fit_sincos_scale(sd[_SPATIAL], grid) if _SPATIAL in sd else 1.0
     gamma_key = f"fused_encoder.layers.{layer_ids[0]}.gamma_1"
@@ -186,6 +198,30 @@ def infer_model_config(sd: dict[str, Tensor], num_heads: int | None = None) -> M
         layer_scale_init=1e-3 if gamma_key in sd else None,
         temperatures=sorted(k[len("loss_prepare.logit_scale_"):] for k in sd if k.startswith("loss_prepare.logit_scale_")),
         moe=moe,
+        prompt=prompt,
+    )
+
+
+def infer_prompt_config(sd: dict[str, Tensor], first_layer: int) -> PromptConfig:
+    """Prompt-tuning switches from the tensors a prompt-tuned official model holds: deep prompt
+    lengths and sharing from the per-layer tables, the FC prompt from its Linear, a learned
+    similarity weight from its scalar (absent = the release's fixed 'zero')."""
+    deep_key = f"fused_encoder.layers.{first_layer}.deep_prompt_embedding.embedding.weight"
+    target_key = f"fused_encoder.layers.{first_layer}.deep_prompt_embedding.target_embedding.weight"
+    has_any = ("s_token_bias" in sd or "fc_prompt.weight" in sd or deep_key in sd)
+    if not has_any:
+        return PromptConfig()
+    fc_out = sd["fc_prompt.weight"].shape[0] if "fc_prompt.weight" in sd else 0
+    return PromptConfig(
+        enabled=True,
+        s_token_bias="s_token_bias" in sd,
+        deep_prompt=deep_key in sd,
+        input_length=sd[deep_key].shape[0] if deep_key in sd else 10,
+        shared=target_key not in sd,
+        target_length=sd[target_key].shape[0] if target_key in sd else 10,
+        fc_prompt_out=fc_out,
+        similarity_weight="learn" if "similarity_weight" in sd or not fc_out else "fixed",
+        similarity_weight_value=1.0 if "similarity_weight" in sd or not fc_out else 0.0,
     )
 
 
@@ -218,6 +254,12 @@ def official_to_ours(
     for key, value in sd.items():
         if key in _PLAIN:
             out[_PLAIN[key]] = value
+        elif key in _PROMPT_PLAIN:
+            out[_PROMPT_PLAIN[key]] = value.reshape(()) if key == "similarity_weight" else value
+        elif key == "token_embed.s_token_bias":
+            if "s_token_bias" in sd and not torch.equal(sd["s_token_bias"], value):
+                raise ConversionError(f"{key} differs from s_token_bias, but the release shares this tensor")
+            report.dropped.append(f"{key}: second name of s_token_bias")
         elif key.startswith("video_embed.embeddings_norm."):
             twin = key.replace("video_embed", "token_embed")
             if twin in sd and not torch.equal(sd[twin], value):
@@ -246,6 +288,8 @@ def official_to_ours(
             prefix = f"encoder.layers.{layer}."
             if rest in ("gamma_1", "gamma_2") or rest.startswith(("norm1.", "norm2.")):
                 out[prefix + rest] = value
+            elif rest in _DEEP_PROMPT:
+                out[prefix + _DEEP_PROMPT[rest]] = value
             elif rest in _DENSE_ATTN:
                 out[prefix + _DENSE_ATTN[rest]] = value
             elif em := _EXPERT_RE.match(rest):

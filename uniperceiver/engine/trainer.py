@@ -30,6 +30,7 @@ from ..config import RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
 from ..data import build_dataset, build_mixup, build_target_set, check_reader_options, make_collate
 from ..modeling.batch import TargetSet, TaskBatch
 from ..modeling.model import UniPerceiver, load_state_dict_strict
+from ..modeling.freezing import apply_trainable, is_prompt_only, trainable_substrings
 from ..tasks import TaskOutput, run_task
 from ..tokenization import ClipTokenizer
 from ..utils.io import load_checkpoint_file
@@ -133,6 +134,8 @@ class Trainer:
         self.model = UniPerceiver(cfg.model)
         if tcfg.init_from:
             self._load_init_weights(resolve_path(tcfg.init_from, self.data_root))
+        # The freezing rule (prompt tuning), before DDP sees which parameters train.
+        self.trainable = apply_trainable(self.model, trainable_substrings(cfg.model, tcfg.trainable))
         self.model.encoder.activation_checkpointing = tcfg.activation_checkpointing
         self.model.to(self.device)
         if tcfg.compile:
@@ -195,7 +198,8 @@ class Trainer:
             return
         blob = load_checkpoint_file(path, weights_only=False)
         state = blob.get("model", blob) if isinstance(blob, dict) else blob
-        load_state_dict_strict(self.model, state, source=path)
+        # A base model starts a prompt-tuned one: its prompt tensors keep their initial values.
+        load_state_dict_strict(self.model, state, source=path, allow_missing=is_prompt_only)
 
     def _build_tasks(self) -> list[_TaskData]:
         tasks = []

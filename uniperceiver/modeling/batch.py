@@ -70,13 +70,15 @@ class Sequence:
     `attributes_SA` holds one attribute row per segment (the attribute router); `task_id` feeds
     the task router; modality ids per segment are derived. `caption_queries=True` marks caption
     training: the last text segment is `[words ; spe-queries]` of equal halves and the encoder
-    uses the structured caption mask.
+    uses the structured caption mask. `role` is the release's data_type: "target" for candidate
+    sequences (target sets, retrieval captions), which picks the target deep prompts.
     """
 
     segments: list[Segment]
     attributes_SA: Tensor | None = None
     task_id: int = 0
     caption_queries: bool = False
+    role: Literal["input", "target"] = "input"
 
     def __post_init__(self) -> None:
         if not self.segments:
@@ -88,6 +90,8 @@ class Sequence:
             raise ValueError(
                 f"{self.attributes_SA.shape[0]} attribute rows for {len(self.segments)} segments"
             )
+        if self.role not in ("input", "target"):
+            raise ValueError(f"sequence role must be 'input' or 'target', got {self.role!r}")
         if self.caption_queries and (self.segments[-1].modality != "text"
                                      or self.segments[-1].data.shape[1] % 2):
             raise ValueError("caption_queries needs a last text segment of even length [words ; queries]")
@@ -152,6 +156,7 @@ class TargetSet:
             [Segment("text", self.ids_NL[start:stop], mask)],
             attributes_SA=self.attributes_SA,
             task_id=self.task_id,
+            role="target",
         )
 
 

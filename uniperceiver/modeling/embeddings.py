@@ -48,6 +48,10 @@ class Embeddings(nn.Module):
         self.temporal_pos = nn.Embedding(cfg.max_frames, d)
         self.visual_type = nn.Embedding(1, d) if cfg.visual_type_embedding else None
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        # Prompt tuning: a learned bias on the word embedding of every <|spe|> token (zero start).
+        self.s_token_bias = (
+            nn.Parameter(torch.zeros(1, d)) if cfg.prompt.enabled and cfg.prompt.s_token_bias else None
+        )
         # Frozen and derived from the config, so it is not part of the state dict.
         self.register_buffer(
             "spatial_pos", sincos_2d_table(cfg.grid_size, d, cfg.posembed_scale), persistent=False
@@ -55,7 +59,10 @@ class Embeddings(nn.Module):
 
     def spe(self, batch_size: int) -> Tensor:
         """[SPE] = LN(E_word[<|spe|>]) with no position or type embedding -> [B, 1, D]."""
-        spe_D = self.norm(self.word.weight[SPE_ID])
+        word_D = self.word.weight[SPE_ID]
+        if self.s_token_bias is not None:
+            word_D = word_D + self.s_token_bias[0]
+        spe_D = self.norm(word_D)
         return spe_D.expand(batch_size, 1, -1)
 
     def text(self, ids_BL: Tensor, positions: Tensor | None = None, check_positions: bool = True) -> Tensor:
@@ -68,7 +75,10 @@ class Embeddings(nn.Module):
             raise ValueError(
                 f"text position {int(positions.max())} >= max_text_positions={self.cfg.max_text_positions}"
             )
-        x_BLD = self.word(ids_BL) + self.text_pos(positions) + self.text_type.weight[0]
+        word_BLD = self.word(ids_BL)
+        if self.s_token_bias is not None:
+            word_BLD = torch.where((ids_BL == SPE_ID)[..., None], word_BLD + self.s_token_bias[0], word_BLD)
+        x_BLD = word_BLD + self.text_pos(positions) + self.text_type.weight[0]
         return self.norm(x_BLD)
 
     def visual(self, pixels_BTCHW: Tensor, temporal_offset: int | None = None) -> Tensor:

@@ -10,7 +10,7 @@ routing decisions of the call are returned so callers can log or check them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from moe import MoELinear, RoutingContext, SegmentDecision
 
-from ..config.model import ModelConfig
+from ..config.model import ModelConfig, PromptConfig
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -67,6 +67,34 @@ def _linear(
     return F.linear(x, weight, bias), None
 
 
+class DeepPrompt(nn.Module):
+    """One layer's deep prompts (OFFICIAL.md 1.5): learned key/value tokens [P, D] for inputs
+    and, unless shared, separate ones for targets. The name keeps 'deep_prompt_embedding' (the
+    release's) so the release's freezing substrings select it."""
+
+    def __init__(self, d_model: int, cfg: PromptConfig) -> None:
+        super().__init__()
+        # N(0, 0.02), as the release's MAE init draws its nn.Embedding tables.
+        self.input_PD = nn.Parameter(torch.randn(cfg.input_length, d_model) * 0.02)
+        self.target_PD = (
+            nn.Parameter(torch.randn(cfg.target_length, d_model) * 0.02) if cfg.separate_target else None
+        )
+
+    def table(self, role: str) -> Tensor:
+        """The prompts of a sequence of this role: targets use their own table when it exists."""
+        return self.target_PD if role == "target" and self.target_PD is not None else self.input_PD
+
+
+def _prompt_context(ctx: RoutingContext, num_prompts: int) -> RoutingContext:
+    """Routing of [prompts ; tokens]: the prompts join the first segment's expert merge (the
+    release moves its key/value split point by the prompt length)."""
+    starts = (0,) + tuple(s + num_prompts for s in ctx.segment_starts[1:])
+    pad = ctx.padding_mask_BL
+    if pad is not None:
+        pad = torch.cat([pad.new_zeros(pad.shape[0], num_prompts), pad], dim=1)
+    return replace(ctx, segment_starts=starts, padding_mask_BL=pad)
+
+
 class EncoderLayer(nn.Module):
     """x = x + g1 * DropPath(Attn(LN1(x))); x = x + g2 * DropPath(FFN(LN2(x)))."""
 
@@ -96,6 +124,7 @@ class EncoderLayer(nn.Module):
             self.gamma_2 = nn.Parameter(torch.full((d,), cfg.layer_scale_init))
         else:
             self.gamma_1 = self.gamma_2 = None
+        self.deep_prompt_embedding = DeepPrompt(d, cfg.prompt) if cfg.prompt.deep else None
 
     @staticmethod
     def _scale(gamma: Tensor | None, y: Tensor, residual: Tensor) -> Tensor:
@@ -111,22 +140,42 @@ class EncoderLayer(nn.Module):
         cache: LayerCache | None = None,
         keep_kv: bool = False,
         name: str = "",
+        role: str = "input",
     ) -> tuple[Tensor, list[tuple[str, SegmentDecision]], LayerCache | None]:
         """`allowed_BHLM` (bool, True = may attend; broadcastable) masks attention. With `cache`,
-        the new tokens attend to the cached keys/values followed by their own."""
+        the new tokens attend to the cached keys/values followed by their own. `role` ('input' or
+        'target') picks the deep prompts; they are prepended to the keys/values of a call without
+        cache (and so sit at the front of the cache it returns), never to the queries."""
         decisions: list[tuple[str, SegmentDecision]] = []
         b, length, d = x_BLD.shape
         h, dh = self.num_heads, d // self.num_heads
 
-        qkv_BL3D, attn_decision = _linear(self.qkv, self.norm1(x_BLD), ctx, None)
+        xn_BLD = self.norm1(x_BLD)
+        if self.deep_prompt_embedding is None or cache is not None:
+            qkv_BL3D, attn_decision = _linear(self.qkv, xn_BLD, ctx, None)
+            q_BHLd, k_BHMd, v_BHMd = qkv_BL3D.view(b, length, 3, h, dh).permute(2, 0, 3, 1, 4)
+        else:
+            # The release's split path: queries from the tokens (first third of the qkv weights),
+            # keys/values from [norm1(prompts) ; norm1(tokens)] (last two thirds), one decision.
+            prompt_PD = self.deep_prompt_embedding.table(role)
+            p = prompt_PD.shape[0]
+            q_BLD, attn_decision = _linear(self.qkv, xn_BLD, ctx, None, slice(0, d))
+            # norm1 over the prompts expanded to the batch, as the release: same values, and its
+            # gradient is summed in the same order (it matters at 1e-4 over a 49,411-word vocabulary).
+            prompt_BPD = self.norm1(prompt_PD.expand(b, p, d)).to(xn_BLD.dtype)
+            kv_in_BMD = torch.cat([prompt_BPD, xn_BLD], dim=1)
+            kv_BM2D, _ = _linear(self.qkv, kv_in_BMD, _prompt_context(ctx, p), attn_decision, slice(d, 3 * d))
+            q_BHLd = q_BLD.view(b, length, h, dh).transpose(1, 2)
+            k_BHMd, v_BHMd = kv_BM2D.view(b, p + length, 2, h, dh).permute(2, 0, 3, 1, 4)
+            if allowed_BHLM is not None:  # prompts are never masked
+                allowed_BHLM = torch.cat([allowed_BHLM.new_ones(*allowed_BHLM.shape[:-1], p), allowed_BHLM], -1)
         if attn_decision is not None:
             decisions.append((f"{name}.qkv", attn_decision))
-        q_BHLd, k_BHLd, v_BHLd = qkv_BL3D.view(b, length, 3, h, dh).permute(2, 0, 3, 1, 4)
-        new_kv = LayerCache(k_BHLd, v_BHLd) if keep_kv else None
+        new_kv = LayerCache(k_BHMd, v_BHMd) if keep_kv else None
         if cache is not None:
-            k_BHLd = torch.cat([cache.key_BHMd, k_BHLd], dim=2)
-            v_BHLd = torch.cat([cache.value_BHMd, v_BHLd], dim=2)
-        attn_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHLd, v_BHLd, attn_mask=allowed_BHLM)
+            k_BHMd = torch.cat([cache.key_BHMd, k_BHMd], dim=2)
+            v_BHMd = torch.cat([cache.value_BHMd, v_BHMd], dim=2)
+        attn_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHMd, v_BHMd, attn_mask=allowed_BHLM)
         attn_BLD = attn_BHLd.transpose(1, 2).reshape(b, length, d)
         out_decision = attn_decision if self.share_decisions else None
         attn_BLD, own = _linear(self.attn_out, attn_BLD, ctx, out_decision)
@@ -164,6 +213,7 @@ class Encoder(nn.Module):
         allowed_BHLM: Tensor | None = None,
         caches: list[LayerCache] | None = None,
         keep_kv: bool = False,
+        role: str = "input",
     ) -> EncoderOutput:
         decisions: list[tuple[str, SegmentDecision]] = []
         new_caches: list[LayerCache] | None = [] if keep_kv else None
@@ -173,11 +223,11 @@ class Encoder(nn.Module):
                 # Non-reentrant checkpointing replays the saved RNG state, so drop path and gate
                 # noise draw the same values in the recomputation.
                 x_BLD, layer_decisions, kv = torch.utils.checkpoint.checkpoint(
-                    layer, x_BLD, ctx, allowed_BHLM, cache, keep_kv, f"layers.{i}", use_reentrant=False
+                    layer, x_BLD, ctx, allowed_BHLM, cache, keep_kv, f"layers.{i}", role, use_reentrant=False
                 )
             else:
                 x_BLD, layer_decisions, kv = layer(
-                    x_BLD, ctx, allowed_BHLM, cache, keep_kv, name=f"layers.{i}"
+                    x_BLD, ctx, allowed_BHLM, cache, keep_kv, name=f"layers.{i}", role=role
                 )
             decisions.extend(layer_decisions)
             if new_caches is not None:

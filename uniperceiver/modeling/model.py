@@ -30,6 +30,11 @@ class UniPerceiver(nn.Module):
         self.encoder = Encoder(cfg)
         self.predictor = Predictor(cfg)
         init_weights_like_release(self)
+        if self.predictor.fc_prompt is not None:
+            # The release zero-initialises the FC prompt after its generic init: training
+            # starts from the plain similarity logits (times the similarity weight).
+            nn.init.zeros_(self.predictor.fc_prompt.weight)
+            nn.init.zeros_(self.predictor.fc_prompt.bias)
 
     # ----------------------------------------------------------------------------- sequences
     def embed_sequence(
@@ -121,11 +126,16 @@ class UniPerceiver(nn.Module):
         ctx = self.routing_context(seq, lengths)
         ctx.padding_mask_BL = pad_BL  # token/context routers neither route nor count padding
         allowed = self.attention_mask(seq, pad_BL, lengths)
-        return self.encoder(x_BLD, ctx, allowed, keep_kv=keep_kv)
+        return self.encoder(x_BLD, ctx, allowed, keep_kv=keep_kv, role=seq.role)
 
     # ----------------------------------------------------------------------------- features
     def features(self, hidden_XD: Tensor) -> Tensor:
         return self.predictor.project(hidden_XD)
+
+    def uses_fc_prompt(self, task: str) -> bool:
+        """Whether classification task `task` adds the FC prompt to its logits."""
+        p = self.cfg.prompt
+        return p.fc and (not p.fc_prompt_tasks or task in p.fc_prompt_tasks)
 
     def encode_targets(
         self, targets: TargetSet | Sequence, chunk_size: int | None = None
@@ -193,10 +203,13 @@ class UniPerceiver(nn.Module):
         return model
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """load_state_dict that names every missing, unexpected and mis-shaped key."""
+def load_state_dict_strict(
+    model: nn.Module, state: dict[str, Tensor], source: str, allow_missing=None
+) -> None:
+    """load_state_dict that names every missing, unexpected and mis-shaped key. Keys for which
+    `allow_missing(key)` is true may be absent (they keep the model's values)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if allow_missing is None or not allow_missing(k))
     unexpected = sorted(set(state) - set(own))
     mis_shaped = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -212,4 +225,4 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: s
                 if len(items) > 50:
                     lines.append(f"    ... and {len(items) - 50} more")
         raise ValueError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=allow_missing is None)

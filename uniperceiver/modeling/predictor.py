@@ -22,10 +22,34 @@ class Predictor(nn.Module):
         self.logit_scale = nn.ParameterDict(
             {name: nn.Parameter(torch.tensor(init)) for name in cfg.temperatures}
         )
+        # Prompt tuning's FC prompt (OFFICIAL.md 1.5): logit = w * logit + fc_prompt(feature).
+        prompt = cfg.prompt
+        self.fc_prompt = nn.Linear(cfg.d_model, prompt.fc_prompt_out) if prompt.fc else None
+        self.similarity_weight: nn.Parameter | float | None = None
+        if prompt.fc:
+            self.similarity_weight = (
+                nn.Parameter(torch.tensor(float(prompt.similarity_weight_value)))
+                if prompt.similarity_weight == "learn" else float(prompt.similarity_weight_value)
+            )
+
+    def project_raw(self, x_XD: Tensor) -> Tensor:
+        """proj(ln_post(x)): the feature before L2 normalisation (what the FC prompt reads)."""
+        return self.proj(self.ln_post(x_XD))
 
     def project(self, x_XD: Tensor) -> Tensor:
         """Unit-norm features of encoder outputs (inputs and targets alike)."""
-        return F.normalize(self.proj(self.ln_post(x_XD)).float(), dim=-1)
+        return F.normalize(self.project_raw(x_XD).float(), dim=-1)
+
+    def add_fc_prompt(self, logits_XN: Tensor, raw_XD: Tensor) -> Tensor:
+        """similarity_weight * logits + fc_prompt(raw features) (the FC prompt must be built)."""
+        if self.fc_prompt is None:
+            raise RuntimeError("this model has no FC prompt (model.prompt.fc_prompt_out = 0)")
+        if logits_XN.shape[-1] != self.fc_prompt.out_features:
+            raise ValueError(
+                f"the FC prompt has {self.fc_prompt.out_features} outputs, the task has "
+                f"{logits_XN.shape[-1]} classes (set model.prompt.fc_prompt_out / fc_prompt_tasks)"
+            )
+        return self.similarity_weight * logits_XN + self.fc_prompt(raw_XD).float()
 
     def scale(self, name: str) -> Tensor:
         """exp(s), replaced by the constant cap above it (which also stops its gradient)."""

@@ -89,6 +89,9 @@ class BeamSearchOutput:
     logprobs_BT: Tensor  # log-probability of each chosen word (0 after EOT)
     # routed MoE decisions of every encoder call, in call order (prefix, then query/word steps)
     decisions: list[list[tuple[str, SegmentDecision]]] = field(default_factory=list)
+    # every beam, best first: token ids [B, K, T] and per-word log-probabilities [B, K, T]
+    beam_ids_BKT: Tensor | None = None
+    beam_logprobs_BKT: Tensor | None = None
 
 
 def _append(caches: list[LayerCache], new: list[LayerCache]) -> list[LayerCache]:
@@ -206,9 +209,10 @@ def beam_search(
 
 def _best_beams(ids_BKT: Tensor, lp_BKT: Tensor, seq_logprob_BK1: Tensor, len_penalty: float, eot: int,
                 vocab_token_ids_V: Tensor | None, calls: list) -> BeamSearchOutput:
-    """Rank the finished beams and return the best one's token ids and word log-probs."""
+    """Rank the finished beams: the best one's token ids and word log-probs, and every beam, best first."""
     order_BKT = rank_beams(ids_BKT, seq_logprob_BK1, len_penalty, eot).expand_as(ids_BKT)
     ids_BKT = torch.gather(ids_BKT, 1, order_BKT)
     lp_BKT = torch.gather(lp_BKT, 1, order_BKT)
-    ids_BT = ids_BKT[:, 0] if vocab_token_ids_V is None else vocab_token_ids_V[ids_BKT[:, 0]]
-    return BeamSearchOutput(ids_BT, lp_BKT[:, 0], calls)
+    if vocab_token_ids_V is not None:
+        ids_BKT = vocab_token_ids_V[ids_BKT]
+    return BeamSearchOutput(ids_BKT[:, 0], lp_BKT[:, 0], calls, ids_BKT, lp_BKT)

@@ -3,6 +3,7 @@ verbalisers. The prediction is the candidate whose [SPE] feature is most similar
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..modeling.batch import TaskBatch
@@ -23,7 +24,10 @@ def classify(
         hidden_BD = enc.hidden_BLD[rows, batch.spe_index.to(rows.device) + 1]
     else:
         hidden_BD = enc.hidden_BLD[:, 0]
-    logits_BN = model.logits(model.features(hidden_BD), target_feats_ND, batch.temperature)
+    raw_BD = model.predictor.project_raw(hidden_BD)
+    logits_BN = model.logits(F.normalize(raw_BD.float(), dim=-1), target_feats_ND, batch.temperature)
+    if batch.kind == "classification" and model.uses_fc_prompt(batch.task):
+        logits_BN = model.predictor.add_fc_prompt(logits_BN, raw_BD)
     out = TaskOutput(logits=logits_BN, decisions=enc.decisions)
     if batch.labels is not None:
         labels = batch.labels.to(logits_BN.device)

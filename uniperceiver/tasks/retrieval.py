@@ -5,6 +5,8 @@ Training uses in-batch negatives: label-smoothed CE over the B x B similarity in
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..modeling.batch import TaskBatch
@@ -18,7 +20,7 @@ def retrieve(model: UniPerceiver, batch: TaskBatch, temporal_offsets: list[int] 
         raise ValueError(f"task {batch.task}: retrieval needs per-sample target captions")
     enc = model.encode(batch.inputs, temporal_offsets=temporal_offsets)
     input_feats_BD = model.features(enc.hidden_BLD[:, 0])
-    target_enc = model.encode(batch.targets)
+    target_enc = model.encode(replace(batch.targets, role="target"))
     target_feats_ND = model.features(target_enc.hidden_BLD[:, 0])
     out = TaskOutput(extras={"input_feats": input_feats_BD, "target_feats": target_feats_ND},
                      decisions=enc.decisions + target_enc.decisions)

@@ -4,6 +4,13 @@ Reproduces a numerical reference bundle made by the official code (shaped like
 shared/reference/official_tiny/reference.pt): converts its state dict, translates its collated
 batches, runs every task in eval and in deterministic training mode, and compares every quantity.
 
+Prompt-tuning bundles (shaped like shared/reference/official_prompt/reference_prompt_a.pt) are
+recognised by their `prompt` entry: the model is built with the prompt switches the state dict
+shows (deep prompt lengths, shared or separate target prompts, FC prompt, similarity weight), the
+FC prompt goes to the bundle's `fc_prompt_tasks`, and the check adds the trainable parameter set
+after the bundle's PROMPT_PARAM freezing and the gradient of every task's training loss with
+respect to every trainable parameter.
+
 Errors are reported per quantity as max_abs = max|ours - ref| and max_rel = max_abs / max|ref|
 (relative to the quantity's scale, so near-zero elements do not dominate); ids and expert
 choices are compared exactly. Exit status 1 when a float exceeds --rtol or an id differs.
@@ -19,7 +26,9 @@ import torch
 from torch import Tensor
 
 from ..convert.api import convert_state_dict
+from ..convert.export import official_names
 from ..convert.official_batches import parse_official_tasks, shared_target_sets, translate_batch
+from ..modeling.freezing import apply_trainable
 from ..modeling.model import UniPerceiver
 from ..tasks import beam_search, run_task
 
@@ -110,12 +119,23 @@ def _target_features(model: UniPerceiver, sets: dict, names: list[str], chunk: i
     return feats, decisions
 
 
-def check_bundle(bundle: dict, rtol: float = 1e-4, chunk: int = 8192) -> Comparison:
+def check_bundle(bundle: dict, rtol: float = 1e-4, chunk: int = 8192, grad_chunk: int | None = None,
+                 grad_tasks: list[str] | None = None) -> Comparison:
+    """Compare everything the bundle holds. Gradients push the loss back through each target set
+    in `grad_chunk` sequences at a time; None = the whole set in one batch, as the release's
+    single-process training does: at 1e-4 the fp32 summation order over the 49,411-word
+    vocabulary matters. `grad_tasks` restricts the gradient comparison to some tasks."""
     cmp = Comparison(rtol)
     cfg = bundle.get("config", {})
     overrides = ["drop_path=0.0", "moe.routing.noise=none"] if cfg.get("moe_type") else ["drop_path=0.0"]
+    prompt = bundle.get("prompt")
+    fc_tasks = (prompt or {}).get("fc_prompt_tasks", (cfg.get("prompt") or {}).get("fc_prompt_tasks"))
+    if fc_tasks:
+        overrides.append("prompt.fc_prompt_tasks=" + json.dumps(list(fc_tasks)))
     model, _ = convert_state_dict(bundle["state_dict"], "official", num_heads=cfg.get("num_heads"),
                                   overrides=overrides)
+    if prompt is not None:
+        _compare_trainable(cmp, model, prompt)
     settings = parse_official_tasks(bundle.get("official_config_yaml"))
     set_cache: dict = {}
 
@@ -134,15 +154,22 @@ def check_bundle(bundle: dict, rtol: float = 1e-4, chunk: int = 8192) -> Compari
                     cmp.floats(f"{task}/encoder_out", enc.hidden_BLD, io["out"])
             if batch.kind == "caption":
                 s = settings.get(task)
+                beams = bundle.get("eval_beams", {}).get(task, {})
+                beam_size = int(beams.get("beam_size", s.beam_size if s else 2))
+                len_penalty = float(beams.get("len_penalty", s.len_penalty if s else 0.0))
+                max_len = int(beams.get("max_steps", s.max_len if s else 21))
                 feats, set_calls = _target_features(model, sets, [batch.target_set], chunk, set_cache)
                 out = beam_search(model, batch.inputs, batch.decode_attributes_SA, feats[batch.target_set],
-                                  temperature=batch.temperature, beam_size=s.beam_size if s else 2,
-                                  max_len=s.max_len if s else 21, len_penalty=s.len_penalty if s else 0.0,
-                                  record_decisions=True)
+                                  temperature=batch.temperature, beam_size=beam_size,
+                                  max_len=max_len, len_penalty=len_penalty, record_decisions=True)
                 if "G_SENTS_IDS" in ref:
                     cmp.exact(f"{task}/G_SENTS_IDS", out.ids_BT, ref["G_SENTS_IDS"])
                 if "G_LOGP" in ref:
                     cmp.floats(f"{task}/G_LOGP", out.logprobs_BT, ref["G_LOGP"])
+                if "G_SENTS_IDS" in beams:
+                    cmp.exact(f"{task}/all_beams/G_SENTS_IDS", out.beam_ids_BKT, beams["G_SENTS_IDS"])
+                if "G_LOGP" in beams:
+                    cmp.floats(f"{task}/all_beams/G_LOGP", out.beam_logprobs_BKT, beams["G_LOGP"])
                 # the release encodes the prefix, then the vocabulary, then the decoding steps
                 calls = [out.decisions[0]] + set_calls + out.decisions[1:]
             elif batch.kind == "retrieval":
@@ -183,7 +210,85 @@ def check_bundle(bundle: dict, rtol: float = 1e-4, chunk: int = 8192) -> Compari
                                                              "error": "no such quantity here"}
                     continue
                 cmp.floats(f"{task}/{label}/{name}", ours[name], value)
+
+    for task, ref_grads in (bundle.get("grads") or {}).items():
+        if grad_tasks is not None and task not in grad_tasks:
+            continue
+        raw = bundle["batches_train"][task]
+        batch = translate_batch(raw, settings.get(task), training=True)
+        offsets = [o["offset"] for o in bundle.get("train_det_temporal_offsets", {}).get(task, [])]
+        offsets = offsets or [0] * sum(s.modality != "text" for s in batch.inputs.segments)  # gradients: offset off
+        seed = ((bundle.get("meta") or {}).get("spec") or {}).get("train_seed", 0)
+        grads = _gradients(model, batch, shared_target_sets(raw), offsets or None, grad_chunk, seed)
+        for name, ref in ref_grads.items():
+            key = f"{task}/grad/{name}"
+            ours = grads.get(name, "no such parameter here")
+            if isinstance(ours, str):
+                cmp.results[key] = {"max_abs": float("inf"), "max_rel": float("inf"), "error": ours}
+            elif ref is None:  # unused by this task: no gradient, or an exactly zero one
+                cmp.results[key] = {"exact": ours is None or not bool(ours.any()),
+                                    **({} if ours is None or not bool(ours.any()) else
+                                       {"error": "the reference has no gradient here"})}
+            elif ours is None:
+                cmp.results[key] = {"max_abs": float("inf"), "max_rel": float("inf"), "error": "no gradient here"}
+            else:
+                cmp.floats(key, ours.reshape(ref.shape) if ours.numel() == ref.numel() else ours, ref)
     return cmp
+
+
+def _compare_trainable(cmp: Comparison, model: UniPerceiver, prompt: dict) -> None:
+    """Freeze by the bundle's PROMPT_PARAM and compare the trainable set under official names
+    (first names, shapes, every alias) and its size."""
+    substrings = (prompt.get("switches") or {}).get("PROMPT_PARAM")
+    if substrings is None:
+        cmp.results["prompt/trainable"] = {"exact": False, "error": "the bundle gives no PROMPT_PARAM"}
+        return
+    ours = apply_trainable(model, list(substrings))
+    params = dict(model.named_parameters())
+    ours_official = {official_names(n, model)[0]: n for n in ours}
+    ours_shapes = {o: list(params[n].shape) for o, n in ours_official.items()}
+    ref_shapes = {name: list(shape) for name, shape in prompt.get("trainable", [])}
+    missing, extra = sorted(set(ref_shapes) - set(ours_shapes)), sorted(set(ours_shapes) - set(ref_shapes))
+    same = not missing and not extra and all(ours_shapes[k] == ref_shapes[k] for k in ref_shapes)
+    cmp.results["prompt/trainable_set"] = {"exact": same, **({} if same else {
+        "error": f"missing {missing} extra {extra} shapes differ "
+                 f"{[k for k in ref_shapes if k in ours_shapes and ours_shapes[k] != ref_shapes[k]]}"})}
+    if "trainable_numel" in prompt:
+        numel = sum(params[n].numel() for n in ours)
+        cmp.results["prompt/trainable_numel"] = {"exact": numel == int(prompt["trainable_numel"]), **(
+            {} if numel == int(prompt["trainable_numel"]) else {"error": f"{numel} vs {prompt['trainable_numel']}"})}
+    for first, aliases in (prompt.get("trainable_aliases") or {}).items():
+        mine = official_names(ours_official[first], model) if first in ours_official else []
+        cmp.results[f"prompt/aliases/{first}"] = {"exact": sorted(mine) == sorted(aliases), **(
+            {} if sorted(mine) == sorted(aliases) else {"error": f"{mine} vs {aliases}"})}
+
+
+def _gradients(model: UniPerceiver, batch, sets: dict, offsets: list[int] | None, chunk: int | None,
+               seed: int) -> dict[str, Tensor | None]:
+    """d(total training loss)/d(parameter) for every trainable parameter, keyed by official first
+    name. The target set is encoded once without graph, its features made a leaf, and the loss's
+    gradient with respect to them is then pushed back through the encoder (`chunk` sequences at
+    a time; None = all at once)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    feats: dict[str, Tensor] = {}
+    if batch.target_set:
+        with torch.no_grad():
+            feats[batch.target_set] = model.encode_targets(sets[batch.target_set], chunk_size=chunk)
+        feats[batch.target_set].requires_grad_(True)
+    out = run_task(model, batch, feats, temporal_offsets=offsets)
+    out.loss.backward()
+    if batch.target_set and feats[batch.target_set].grad is not None:
+        target_set, grad_ND = sets[batch.target_set], feats[batch.target_set].grad
+        step = len(target_set) if chunk is None else max(1, chunk)
+        for start in range(0, len(target_set), step):
+            stop = min(start + step, len(target_set))
+            model.encode_targets(target_set.slice(start, stop)).backward(grad_ND[start:stop])
+    grads = {official_names(n, model)[0]: (None if p.grad is None else p.grad.detach().clone())
+             for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
 
 
 def _official_loss_names(kind: str, out) -> dict[str, Tensor]:
@@ -201,10 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle")
     parser.add_argument("--json", default=None, help="write every comparison here")
     parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--grad-chunk", type=int, default=None,
+                        help="target sequences per backward chunk in the gradient check (default: the whole "
+                             "set at once, as the release; smaller saves memory but changes fp32 summation order)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     bundle = torch.load(args.bundle, weights_only=True, map_location="cpu")
-    cmp = check_bundle(bundle, rtol=args.rtol)
+    cmp = check_bundle(bundle, rtol=args.rtol, grad_chunk=args.grad_chunk)
     width = max(len(k) for k in cmp.results)
     worst = 0.0
     for key, r in cmp.results.items():
