@@ -7,7 +7,7 @@
 # 1. expert throughput: the reference preset (8 experts, d 768, ffn 3072, 4096 tokens, fwd+bwd),
 #    both backends (tutel where importable), --peers where any peer is installed, fp32 and bf16;
 # 2. caption decoding of the base MoE: batch 1, 8, 64; cached (static step, CUDA graph) vs re-encode;
-# 3. a base-size training step: dense, attribute MoE, token MoE (benchmarks/train_step.py: to be wired in).
+# 3. a base-size training step in bf16: dense, attribute MoE, token MoE, with MFU (benchmarks/train_step.py).
 # Results: JSONL under benchmarks/results/ (file names carry the GPU: h200, h100, ...) plus
 # gpu_suite_<gpu>_<utc time>.log with everything printed. --dry-run writes into a temporary
 # directory (or --out-dir) and runs on the CPU: CI runs it (tests/benchmarks/test_gpu_suite.py).
@@ -42,6 +42,9 @@ if [ "$dry_run" = 1 ]; then
     lengths=(2 3)
     repeats=(--warmup 0 --repeats 1)
     static=on  # the GPU's decoding step, run eagerly
+    train_size=tiny
+    amp=none
+    train_repeats=(--warmup 0 --repeats 1)
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 else
     if [ -n "$tutel_src" ]; then
@@ -60,6 +63,9 @@ else
     lengths=(5 10 20)
     repeats=(--warmup 1 --repeats 3)
     static=auto
+    train_size=base
+    amp=bf16
+    train_repeats=(--warmup 2 --repeats 5)
 fi
 mkdir -p "$out_dir"
 gpu=$("$PY" - <<'EOF'
@@ -91,8 +97,8 @@ echo "== caption decoding: $model, batch ${batches[*]}, lengths ${lengths[*]}, c
 "$PY" benchmarks/caption_decoding.py --model "$model" "${image_args[@]}" --device "$device" --batch "${batches[@]}" \
     --lengths "${lengths[@]}" "${repeats[@]}" --static "$static" --out-dir "$out_dir" 2>&1 | tee -a "$log"
 
-# The training step (dense, attribute MoE, token MoE at base size) belongs to benchmarks/train_step.py;
-# it is wired in here once that harness is in the tree.
-echo "== training step: not run (benchmarks/train_step.py is not wired into the suite yet)" | tee -a "$log"
+echo "== training step: $train_size, dense / attribute MoE / token MoE, amp $amp" | tee -a "$log"
+"$PY" benchmarks/train_step.py --size "$train_size" --device "$device" --amp "$amp" "${train_repeats[@]}" \
+    --out "$out_dir/train_step_${train_size}_${gpu}_$(date -u +%Y-%m-%d).jsonl" 2>&1 | tee -a "$log"
 
 echo "gpu_suite: done in $((SECONDS - start)) s; results in $out_dir" | tee -a "$log"

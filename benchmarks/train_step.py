@@ -25,7 +25,10 @@ collectives per step (DDP buckets through a counting comm hook, everything else 
 Output: a table and one JSON line per case appended to
 `benchmarks/results/train_step_<size>_<host>_<date>.jsonl` with the machine, versions and commit
 (the fields of expert_throughput.py). The module is a set of small functions (build_cases,
-measure, comm counters, machine info) so GPU columns (e.g. MFU) can be added next to them.
+measure, comm counters, machine info) so GPU columns can be added next to them. `model_tflops_per_s`
+and `mfu`: the encoder's model FLOPs of the step as the trainer counts them
+(`uniperceiver/engine/flops.py`) per second of the median step, and that over the card's dense
+peak for the step's matmul dtype (`--amp bf16`: bf16 tensor cores; None on a CPU).
 """
 from __future__ import annotations
 
@@ -81,6 +84,8 @@ class Case:
     tokens_per_step: int = 0
     times_ms: list[float] = field(default_factory=list)
     status: str = "ok"
+    model_flops: float = 0.0  # encoder model FLOPs of one step (the trainer's count, engine/flops.py)
+    peak_flops: float | None = None  # the card's dense peak for the step's matmul dtype (None: CPU)
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -291,8 +296,10 @@ def _sync(device: torch.device) -> None:
 def timed_step(case: Case, device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    case.trainer.train_step()
+    logs = case.trainer.train_step()
     _sync(device)
+    case.model_flops = float(logs.get("model_flops", 0.0))
+    case.peak_flops = getattr(case.trainer, "peak_flops", None)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -343,6 +350,9 @@ def rows_for(cases: list[Case], measured: dict, meta: dict) -> list[dict]:
                 times_ms=[round(t, 2) for t in c.times_ms], tokens_per_step=c.tokens_per_step,
                 tokens_per_s=round(c.tokens_per_step / (med / 1e3), 1), ratio_to_dense=_round(paired_ratio(c, dense)),
                 ratio_of_medians=_round(med / statistics.median(dense.times_ms)),
+                model_tflops_per_s=c.model_flops / (med / 1e3) / 1e12,
+                # MFU: model FLOP/s (at the median step time) over the card's dense peak
+                mfu=None if not c.peak_flops else _round(c.model_flops / (med / 1e3) / c.peak_flops),
                 **measured["extra"][c.name],
             )
             base = c.name.split("/")[0]
@@ -359,16 +369,18 @@ def _round(x: float | None) -> float | None:
 
 
 HEADER = (f"{'case':<26} {'median ms':>10} {'min..max':>17} {'tokens/s':>9} {'/dense':>7} {'1call/sep':>9} "
-          f"{'peak MB':>8} {'comm MB':>8}")
+          f"{'peak MB':>8} {'comm MB':>8} {'TFLOP/s':>8} {'MFU':>6}")
 
 
 def fmt(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['case']:<26} {row['status']}"
     one = row.get("one_call_over_separate")
+    mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     return (f"{row['case']:<26} {row['median_ms']:>10.1f} {row['min_ms']:>8.0f}..{row['max_ms']:<8.0f} "
             f"{row['tokens_per_s']:>9.0f} {row['ratio_to_dense']:>7.3f} {'' if one is None else f'{one:.3f}':>9} "
-            f"{row['peak_memory_bytes'] / 2**20:>8.0f} {row['comm_bytes_per_step'] / 2**20:>8.1f}")
+            f"{row['peak_memory_bytes'] / 2**20:>8.0f} {row['comm_bytes_per_step'] / 2**20:>8.1f} "
+            f"{row['model_tflops_per_s']:>8.3f} {mfu:>6}")
 
 
 # --- main ------------------------------------------------------------------------------------------
@@ -387,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny model, 1 warm-up, 2 repeats, nothing written")
     ap.add_argument("--out", help="JSONL path (default: results/train_step_<size>_<host>_<date>.jsonl)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                    help="train.amp of every case (GPU: bf16 autocast over fp32 master weights)")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.size, args.warmup, args.repeats, args.no_write = "tiny", 1, 2, True
@@ -404,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_cases(args.size, args.ep, world)
     if args.cases:
         cases = [c for c in cases if c.name == "dense" or c.name in args.cases]
+    for c in cases:
+        c.overrides.append(f"train.amp={args.amp}")
     counter = CommCounter()
     with tempfile.TemporaryDirectory(prefix="train_step_") as workdir, counter.patched():
         for c in cases:

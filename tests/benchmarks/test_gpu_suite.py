@@ -22,6 +22,9 @@ def test_gpu_suite_dry_run(tmp_path):
     decoding = [json.loads(line) for line in open(files["caption_decoding"])]
     assert {(r["batch"], r["mode"]) for r in decoding} == {(b, m) for b in (1, 2) for m in ("cached", "reencode")}
     assert all(r["ids_match"] and r["static_step"] for r in decoding)
+    steps = {r["case"]: r for r in map(json.loads, open(files["train_step"]))}
+    assert {"dense", "moe-attribute", "moe-token"} <= set(steps)
+    assert all(r["model_tflops_per_s"] > 0 and r["mfu"] is None for r in steps.values() if r["status"] == "ok")
     assert "gpu_suite: done" in files["gpu_suite"].read_text()
 
 
