@@ -31,6 +31,7 @@ from .modeling.attributes import target_set_attributes, task_attributes
 from .modeling.batch import Segment, Sequence, TargetSet
 from .modeling.model import UniPerceiver
 from .tasks.captioning import EOT_ID, beam_search
+from .tasks.registry import task_spec
 from .tokenization import ClipTokenizer
 
 __all__ = [
@@ -80,14 +81,15 @@ def _device(model: UniPerceiver) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pixels(model: UniPerceiver, images: Seq[ImageLike], kind: str) -> Tensor:
-    """Images -> normalised pixels [B, 3, S, S] with the release's eval transform for `kind`."""
+def _pixels(model: UniPerceiver, images: Seq[ImageLike], task_type: str) -> Tensor:
+    """Images -> normalised pixels [B, 3, S, S] with the release's eval transform of the task type."""
     from .data.transforms import clip_transform, imagenet_transform
 
     if isinstance(images, (str, os.PathLike, Tensor)) or hasattr(images, "convert"):
         raise TypeError("pass a list of images (PIL images, paths or tensors), not a single image")
     size = model.cfg.image_size
-    transform = imagenet_transform(size, False) if kind == "classification" else clip_transform(size, False)
+    imagenet = task_spec(task_type).image_pipeline == "imagenet"
+    transform = imagenet_transform(size, False) if imagenet else clip_transform(size, False)
     out = []
     for i, img in enumerate(images):
         if isinstance(img, Tensor):
@@ -128,8 +130,7 @@ def encode_texts(model: UniPerceiver, texts: Seq[str], rows_SA: Tensor, *, batch
 def encode_images(model: UniPerceiver, images: Seq[ImageLike], *, task: str = "image_retrieval",
                   batch_size: int = 32) -> Tensor:
     """Unit-norm [SPE] features of images -> [B, D] (routed as the inputs of `task`)."""
-    kind = "classification" if task.endswith("classification") else "retrieval"
-    pixels = _pixels(model, images, kind)
+    pixels = _pixels(model, images, task)
     rows = task_attributes(task, "input")
     feats = []
     with torch.no_grad():
@@ -193,7 +194,7 @@ def _vocab_features(model: UniPerceiver, chunk_size: int) -> Tensor:
 def caption_images(model: UniPerceiver, images: Seq[ImageLike], *, beam_size: int = 2, max_len: int = 21,
                    len_penalty: float = 2.0, batch_size: int = 16, vocab_chunk_size: int = 4096) -> list[str]:
     """Captions by beam search with the key/value cache (the zero-shot COCO settings by default)."""
-    pixels = _pixels(model, images, "caption")
+    pixels = _pixels(model, images, "image_caption")
     rows = task_attributes("image_caption", "input")
     vocab_VD = _vocab_features(model, vocab_chunk_size)
     tok = _tokenizer()

@@ -20,17 +20,10 @@ from uniperceiver.config import ModelConfig, RunConfig, from_dict, load_config, 
 from uniperceiver.modeling.attributes import target_set_attributes, task_attributes
 from uniperceiver.modeling.batch import Segment, Sequence, TargetSet, TaskBatch
 from uniperceiver.modeling.model import UniPerceiver
+from uniperceiver.tasks import task_spec
 
 IMAGE = 32
 WORDS = ["red", "green", "blue", "small", "large", "round", "square", "cat", "dog", "car", "tree", "boat"]
-KINDS = {
-    "image_classification": "classification",
-    "video_classification": "classification",
-    "image_retrieval": "retrieval",
-    "video_retrieval": "retrieval",
-    "image_caption": "caption",
-    "video_caption": "caption",
-}
 
 
 def tiny_model_config(moe: bool = True) -> ModelConfig:
@@ -105,13 +98,12 @@ class FakeDataset:
         self.reads += 1
         gen = torch.Generator().manual_seed(1000 + i)
         sample: dict = {"id": f"s{i}"}
-        if self.task.type.startswith("video"):
+        if task_spec(self.task.type).modality == "video":
             shape = (self.frames, 3, IMAGE, IMAGE) if self.views == 1 else (self.views, self.frames, 3, IMAGE, IMAGE)
             sample["video"] = _pixels(gen, *shape)
         else:
             sample["image"] = _pixels(gen, 3, IMAGE, IMAGE)
-        kind = KINDS[self.task.type]
-        if kind == "classification":
+        if task_spec(self.task.type).class_labels:
             sample["label"] = i % getattr(self, "num_classes", 10)
         else:
             sample["captions"] = [_caption(gen) for _ in range(4 if i % 4 == 1 else 3)]
@@ -120,7 +112,8 @@ class FakeDataset:
 
 def build_dataset(task, split, tokenizer, model_cfg, data_root, num_classes=None):
     opts = task.eval_data.options
-    views = task.eval_clips * task.eval_crops if task.type == "video_classification" else 1
+    spec = task_spec(task.type)
+    views = task.eval_clips * task.eval_crops if spec.class_labels and spec.modality == "video" else 1
     views = int(opts.get("views", views))
     ds = FakeDataset(task, int(opts.get("n", 8)), opts.get("num_classes"), views=views, frames=task.frames)
     if "fail_at" in opts:
@@ -131,8 +124,8 @@ def build_dataset(task, split, tokenizer, model_cfg, data_root, num_classes=None
 
 
 def make_collate(task, tokenizer, training=False, task_id=0):
-    kind = KINDS[task.type]
-    modality = "video" if task.type.startswith("video") else "image"
+    kind = task_spec(task.type).kind
+    modality = task_spec(task.type).modality
     rows = task_attributes(task.type, "input")
 
     def collate(samples: list[dict]) -> TaskBatch:

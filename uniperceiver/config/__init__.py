@@ -19,7 +19,6 @@ from uniperceiver.config.model import (  # noqa: F401 -- re-exports
     RELEASE_PROMPT_TRAINABLE,
 )
 from uniperceiver.config.schema import (  # noqa: F401 -- re-exports
-    DEFAULT_TEMPERATURE,
     DataSourceConfig,
     EvalConfig,
     OptimConfig,

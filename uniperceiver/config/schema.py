@@ -16,16 +16,6 @@ from ..utils.resources import demo_data_dir
 from .loader import ConfigError
 from .model import TEMPERATURE_NAMES, ModelConfig
 
-TaskType = Literal[
-    "image_classification",
-    "video_classification",
-    "text_mlm",
-    "image_caption",
-    "video_caption",
-    "image_retrieval",
-    "video_retrieval",
-    "text_classification",
-]
 DataFormat = Literal[
     "imagenet",  # meta/{train,val}.txt of `relpath label`, images under root/{split}/relpath
     "imagenet22k",  # file list of `wnid idx class_id`, images at root/wnid/wnid_idx.JPEG
@@ -38,19 +28,6 @@ DataFormat = Literal[
     "jsonl",  # our manifest: one JSON object per line (image|video|text, label|caption(s))
     "demo",  # the embedded offline demo data
 ]
-
-# Temperature each task type uses by default (OFFICIAL.md 3.2).
-DEFAULT_TEMPERATURE: dict[str, str] = {
-    "image_classification": "img_cls",
-    "video_classification": "video_cls",
-    "text_mlm": "text_mlm",
-    "image_caption": "caption",
-    "video_caption": "caption",
-    "image_retrieval": "retrieve",
-    "video_retrieval": "retrieve",
-    "text_classification": "downstream",
-}
-
 
 def resolve_path(path: str, data_root: str = "") -> str:
     """Expand `$VARS` and `~`; relative paths are taken under `data_root` (the release's DATA_PATH).
@@ -111,7 +88,9 @@ class TargetSetConfig:
 @dataclass
 class TaskConfig:
     name: str
-    type: TaskType
+    # A registered task type (`uniperceiver.tasks`): image_classification, video_classification,
+    # text_classification, image_retrieval, video_retrieval, image_caption, video_caption, text_mlm.
+    type: str
     train_data: DataSourceConfig | None = None
     eval_data: DataSourceConfig | None = None
     target_set: str | None = None  # a key of RunConfig.target_sets
@@ -120,7 +99,7 @@ class TaskConfig:
     sampling_weight: float = 1.0
     loss_weight: float = 1.0
     label_smoothing: float = 0.0
-    temperature: str | None = None  # default by type (DEFAULT_TEMPERATURE)
+    temperature: str | None = None  # default: the type's (its TaskSpec.temperature)
     max_text_len: int = 50
     # Visual input: None = model.image_size. Videos: frames per clip and the stride at 30 fps.
     image_size: int | None = None
@@ -141,8 +120,11 @@ class TaskConfig:
     len_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        from ..tasks.registry import task_spec  # a leaf module: no cycle
+
+        spec = task_spec(self.type)
         if self.temperature is None:
-            self.temperature = DEFAULT_TEMPERATURE[self.type]
+            self.temperature = spec.temperature
         if self.temperature not in TEMPERATURE_NAMES:
             raise ValueError(f"temperature {self.temperature!r} is not one of {list(TEMPERATURE_NAMES)}")
         for name in ("batch_size", "eval_batch_size", "max_text_len", "frames", "beam_size", "max_gen_len",
@@ -153,9 +135,7 @@ class TaskConfig:
             raise ValueError(f"sampling_weight must be >= 0, got {self.sampling_weight}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        needs_set = self.type in ("image_classification", "video_classification", "text_mlm",
-                                  "image_caption", "video_caption", "text_classification")
-        if needs_set and self.target_set is None:
+        if spec.needs_target_set and self.target_set is None:
             raise ValueError(f"task type {self.type} needs a target_set")
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import yaml
 
-from ..config.schema import DEFAULT_TEMPERATURE
-from ..modeling.batch import TASK_KINDS, Segment, Sequence, TargetSet, TaskBatch
+from ..modeling.batch import Segment, Sequence, TargetSet, TaskBatch
+from ..tasks.registry import task_spec
 
 @dataclass
 class OfficialTaskSettings:
@@ -95,9 +95,11 @@ def translate_batch(batch: dict[str, Any], settings: OfficialTaskSettings | None
     """One official batch -> a `TaskBatch` (caption eval batches hold the visual prefix only)."""
     info = batch["task_info"]
     task_type = info["task_type"]
-    if task_type not in TASK_KINDS:
-        raise ValueError(f"task {info.get('task_name')}: unsupported official task type {task_type!r}")
-    kind = TASK_KINDS[task_type]
+    try:
+        spec = task_spec(task_type)
+    except ValueError as e:
+        raise ValueError(f"task {info.get('task_name')}: unsupported official task type ({e})") from None
+    kind = spec.kind
     settings = settings or OfficialTaskSettings(name=info["task_name"])
     inputs = batch["input_sample_list"]
     attributes = _attributes(inputs)
@@ -128,12 +130,12 @@ def translate_batch(batch: dict[str, Any], settings: OfficialTaskSettings | None
         names = list(batch.get("shared_target_sets") or {})
         target_set = "Vocab_Word" if "Vocab_Word" in names else (names[0] if names else None)
     spe_index = None
-    if kind == "text_classification":
+    if spec.prompt_spe:
         spe_index = torch.tensor([s["spe_index"] for s in inputs[0]["sample_info"]])
     return TaskBatch(
         task=info["task_name"],
         kind=kind,
-        temperature=settings.temperature or DEFAULT_TEMPERATURE[task_type],
+        temperature=settings.temperature or spec.temperature,
         inputs=seq,
         labels=labels,
         targets=targets,

@@ -30,14 +30,14 @@ from ..config.model import ModelConfig
 from ..config.loader import ConfigError
 from ..config.schema import RunConfig, TaskConfig, resolve_path
 from ..tokenization import ClipTokenizer
-from .collate import TASK_KINDS, TaskCollate, make_collate, pad_ids
+from ..tasks.registry import task_spec
+from .collate import TaskCollate, make_collate, pad_ids
 from .errors import DataError, MediaError
 from .rng import mix_seed, sample_rng, split_index
 from .target_sets import TargetSetSource, build_target_set, read_class_names
 from .transforms import BatchMixup, build_image_transform, build_mixup, build_video_transform
 
 __all__ = [
-    "TASK_KINDS",
     "BatchMixup",
     "DataError",
     "MediaError",
@@ -56,18 +56,6 @@ __all__ = [
     "sample_rng",
     "split_index",
 ]
-
-_ACCEPTS = {  # format -> task types it can feed
-    "imagenet": ("image_classification",),
-    "imagenet22k": ("image_classification",),
-    "kinetics": ("video_classification",),
-    "coco_karpathy": ("image_caption", "image_retrieval"),
-    "flickr30k": ("image_caption", "image_retrieval"),
-    "mlm_corpus": ("text_mlm",),
-    "glue": ("text_classification",),
-    "msvd": ("video_caption", "video_retrieval"),
-}
-
 
 def check_reader_options(cfg: RunConfig, split: Literal["train", "eval"]) -> None:
     """Validate the `options` of every `split` data source against its reader's typed options
@@ -111,15 +99,16 @@ def build_dataset(
     if source is None:
         raise ValueError(f"task {task.name!r} has no {'train_data' if split == 'train' else 'eval_data'}")
     fmt = source.format
-    if fmt in _ACCEPTS and task.type not in _ACCEPTS[fmt]:
-        raise ValueError(f"task {task.name!r}: data format {fmt!r} feeds {list(_ACCEPTS[fmt])}, not {task.type}")
-
     from .datasets.base import read_options
     from .readers import READERS, ReaderContext  # the readers pull in media libraries: imported on use
 
     reader = READERS.get(fmt)
     if reader is None:
         raise ValueError(f"task {task.name!r}: unknown data format {fmt!r}")
+    spec = task_spec(task.type)
+    if fmt not in spec.formats:  # the formats a task type reads are part of its TaskSpec
+        raise ValueError(f"task {task.name!r}: data format {fmt!r} does not feed {task.type} "
+                         f"(it reads {list(spec.formats)})")
     side = "train_data" if split == "train" else "eval_data"
     options = read_options(reader.options, source, f"{side}.options", f"task {task.name!r}")
     context = ReaderContext(task, replace(source, options=options), split, tokenizer, model_cfg, data_root)

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ..config.model import ModelConfig
 from ..config.schema import DataSourceConfig, TaskConfig
+from ..tasks.registry import task_spec
 from ..tokenization import ClipTokenizer
 from . import datasets as ds
 from .datasets.base import NoOptions
@@ -59,7 +60,7 @@ class Reader:
 
 
 def _jsonl(c: ReaderContext) -> Dataset:
-    visual = c.task.type.split("_")[0]
+    visual = task_spec(c.task.type).modality
     t = c.task
     return ds.JsonlDataset(
         c.source, c.training, task_type=t.type,

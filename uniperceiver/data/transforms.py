@@ -28,6 +28,7 @@ from torchvision.transforms import InterpolationMode
 
 from ..config.model import ModelConfig
 from ..config.schema import TaskConfig
+from ..tasks.registry import kind_spec, task_spec
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -98,7 +99,7 @@ def build_image_transform(task: TaskConfig, model_cfg: ModelConfig | None, train
     """The image transform a task type uses (classification: ImageNet; captions/retrieval: CLIP)."""
     size = input_size(task, model_cfg)
     augment = training and task.augment != "none"
-    if task.type.endswith("classification"):
+    if task_spec(task.type).image_pipeline == "imagenet":
         return imagenet_transform(size, augment)
     return clip_transform(size, augment)
 
@@ -192,7 +193,7 @@ class BatchMixup:
 
         from .rng import sample_rng
 
-        if batch.kind != "classification" or batch.labels is None:
+        if not kind_spec(batch.kind).mixup or batch.labels is None:
             raise ValueError(f"task {batch.task}: mixup/cutmix applies to classification batches with labels")
         seg = batch.inputs.segments[0]
         x = seg.data  # [B, T, C, H, W]
@@ -211,6 +212,6 @@ def build_mixup(task: TaskConfig, num_classes: int) -> BatchMixup | None:
     """The task's Mixup/CutMix (None when both alphas are 0 or the task is not classification)."""
     if task.mixup <= 0 and task.cutmix <= 0:
         return None
-    if task.type not in ("image_classification", "video_classification"):
+    if not task_spec(task.type).mixup:
         raise ValueError(f"task {task.name}: mixup/cutmix is for image/video classification, not {task.type}")
     return BatchMixup(task.mixup, task.cutmix, num_classes, label_smoothing=task.label_smoothing)

@@ -22,28 +22,22 @@ CONFIG = config_dir() / "debug" / "tiny_cpu.yaml"
 
 
 def chance_levels(cfg: RunConfig, report) -> dict[str, dict[str, float]]:
-    """What a model that guesses would score on each reported metric."""
+    """What a model that guesses would score on each reported metric (its TaskSpec's `chance`)."""
     from ..data import build_target_set
+    from ..tasks import task_spec
     from ..tokenization import ClipTokenizer
 
     chance: dict[str, dict[str, float]] = {}
     tok = ClipTokenizer()
     for task_name, metrics in report.metrics.items():
         task = cfg.task(task_name)
+        spec = task_spec(task.type)
         n = report.num_samples.get(task_name, 0)
-        out: dict[str, float] = {}
-        if task.type in ("image_classification", "video_classification", "text_classification"):
+        classes = 0
+        if spec.class_labels:
             classes = len(build_target_set(task.target_set, cfg.target_sets[task.target_set], tok))
-            for name in metrics:
-                if name.startswith("top"):
-                    k = int(name[3:].split("_")[0]) if name[3:].split("_")[0].isdigit() else 1
-                    out[name] = 100.0 * min(k, classes) / classes
-        elif task.type in ("image_retrieval", "video_retrieval") and n:
-            for name in metrics:
-                digits = "".join(ch for ch in name.split("@")[-1] if ch.isdigit()) if "@" in name else ""
-                if digits:
-                    out[name] = 100.0 * min(int(digits), n) / n
-        chance[task_name] = out
+        levels = {name: spec.chance(name, classes, n) for name in metrics}
+        chance[task_name] = {name: level for name, level in levels.items() if level is not None}
     return chance
 
 

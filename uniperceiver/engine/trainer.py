@@ -31,7 +31,7 @@ from ..data import build_dataset, build_mixup, build_target_set, check_reader_op
 from ..modeling.batch import TargetSet, TaskBatch
 from ..modeling.model import UniPerceiver, load_state_dict_strict
 from ..modeling.freezing import apply_trainable, is_prompt_only, trainable_substrings
-from ..tasks import TaskOutput, run_task
+from ..tasks import TaskOutput, run_task, task_spec
 from ..tokenization import ClipTokenizer
 from ..utils.io import load_checkpoint_file
 from . import dcp
@@ -206,13 +206,13 @@ class Trainer:
         for task_id, tcfg in enumerate(self.cfg.tasks):
             if tcfg.train_data is None:
                 continue
-            classification = tcfg.type in ("image_classification", "video_classification", "text_classification")
+            spec = task_spec(tcfg.type)
             # The size of the class-name set is checked against the labels the data lists.
-            num_classes = len(self.target_sources[tcfg.target_set]) if classification else None
+            num_classes = len(self.target_sources[tcfg.target_set]) if spec.class_labels else None
             dataset = build_dataset(tcfg, "train", self.tokenizer, self.cfg.model, self.data_root, num_classes=num_classes)
             stream = TaskStream(len(dataset), tcfg.batch_size, self.cfg.seed, task_id, self.rank, self.world)
             collate = make_collate(tcfg, self.tokenizer, training=True, task_id=task_id)
-            mixup = build_mixup(tcfg, num_classes) if classification and tcfg.type != "text_classification" else None
+            mixup = build_mixup(tcfg, num_classes) if spec.mixup else None
             tasks.append(_TaskData(tcfg, dataset, collate, stream, mixup))
         if not tasks:
             raise ValueError("no task has train_data: nothing to train")

@@ -29,6 +29,7 @@ from .. import distributed as dist_utils
 from ..config import ConfigError, RunConfig, TaskConfig, resolve_path, to_dict
 from ..modeling.batch import TargetSet
 from ..modeling.model import UniPerceiver, load_state_dict_strict
+from ..tasks.registry import task_spec
 from ..utils.io import load_checkpoint_file
 from .caption_metrics import SCORERS
 from .evaluators import EvalInputError, TaskResult, evaluator_for
@@ -334,7 +335,7 @@ def _evaluate_task(run: _Run, task: TaskConfig) -> tuple[TaskResult, int]:
     if task.target_set is not None:
         target_set, source = run.target_set(task.target_set)
         source_name = getattr(source, "source", "") or _target_source(run.cfg, task.target_set)
-        if task.type.endswith("classification"):
+        if task_spec(task.type).class_labels:
             extra["num_classes"] = len(target_set)  # the data layer checks its labels against it
     evaluator = evaluator_for(
         task, model=run.model, target_set=target_set, target_source=source_name, features=run.features,

@@ -11,45 +11,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_VISUAL_INPUT = (1, 0, 0, 1, 1, 0, 0, 0)
-_TEXT_INPUT = (0, 1, 0, 1, 0, 1, 0, 0)
-_CAPTION_VISUAL = (1, 1, 0, 1, 1, 0, 0, 0)
-_CAPTION_TEXT = (1, 1, 0, 1, 0, 1, 0, 1)
-_VISUAL_TASK_TARGET = (1, 0, 0, 1, 0, 1, 1, 0)  # class names, retrieval captions
-_TEXT_TASK_TARGET = (1, 1, 0, 1, 0, 1, 1, 0)  # vocabulary, verbalisers
+VISUAL_INPUT = (1, 0, 0, 1, 1, 0, 0, 0)
+TEXT_INPUT = (0, 1, 0, 1, 0, 1, 0, 0)
+CAPTION_VISUAL = (1, 1, 0, 1, 1, 0, 0, 0)
+CAPTION_TEXT = (1, 1, 0, 1, 0, 1, 0, 1)
+VISUAL_TASK_TARGET = (1, 0, 0, 1, 0, 1, 1, 0)  # class names, retrieval captions
+TEXT_TASK_TARGET = (1, 1, 0, 1, 0, 1, 1, 0)  # vocabulary, verbalisers
 
-# (task type, role) -> one row per segment of that sequence.
-_TABLE: dict[tuple[str, str], tuple[tuple[int, ...], ...]] = {
-    ("image_classification", "input"): (_VISUAL_INPUT,),
-    ("video_classification", "input"): (_VISUAL_INPUT,),
-    ("image_retrieval", "input"): (_VISUAL_INPUT,),
-    ("video_retrieval", "input"): (_VISUAL_INPUT,),
-    ("text_mlm", "input"): (_TEXT_INPUT,),
-    ("text_classification", "input"): (_TEXT_INPUT,),
-    ("image_caption", "input"): (_CAPTION_VISUAL, _CAPTION_TEXT),
-    ("video_caption", "input"): (_CAPTION_VISUAL, _CAPTION_TEXT),
-    ("image_retrieval", "target"): (_VISUAL_TASK_TARGET,),
-    ("video_retrieval", "target"): (_VISUAL_TASK_TARGET,),
-}
-
+# The rows of each task type's sequences are part of its TaskSpec (`uniperceiver/tasks/`).
 # Shared target sets carry the row of the set, not of the task using it.
 _TARGET_SET_ROWS: dict[str, tuple[int, ...]] = {
-    "class_names": _VISUAL_TASK_TARGET,  # ImageNet1k/22k, Kinetics, MomentsInTime
-    "vocabulary": _TEXT_TASK_TARGET,  # Vocab_Word
-    "verbalizer": _TEXT_TASK_TARGET,  # GLUE '*-target' sets
+    "class_names": VISUAL_TASK_TARGET,  # ImageNet1k/22k, Kinetics, MomentsInTime
+    "vocabulary": TEXT_TASK_TARGET,  # Vocab_Word
+    "verbalizer": TEXT_TASK_TARGET,  # GLUE '*-target' sets
 }
 
-TASK_TYPES = tuple(sorted({task for task, _ in _TABLE}))
 TARGET_SET_KINDS = tuple(_TARGET_SET_ROWS)
 
 
 def task_attributes(task_type: str, role: str = "input") -> Tensor:
-    """Rows [S, 8] for a task's input (or per-sample target) sequence."""
+    """Rows [S, 8] for a task's input (or per-sample target) sequence (from its TaskSpec)."""
+    from ..tasks.registry import task_spec
+
     try:
-        rows = _TABLE[(task_type, role)]
-    except KeyError:
-        known = sorted(f"{t}/{r}" for t, r in _TABLE)
-        raise KeyError(f"no attribute rows for task type {task_type!r} role {role!r}; known: {known}") from None
+        rows = task_spec(task_type).attribute_rows(role)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise KeyError(str(e)) from None
     return torch.tensor(rows, dtype=torch.float32)
 
 

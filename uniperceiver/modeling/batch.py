@@ -160,24 +160,10 @@ class TargetSet:
         )
 
 
-TaskKind = Literal["classification", "retrieval", "mlm", "caption", "text_classification"]
-
-# How each task type is formulated (the release's TASK_TYPE -> our task kind).
-TASK_KINDS: dict[str, TaskKind] = {
-    "image_classification": "classification",
-    "video_classification": "classification",
-    "text_mlm": "mlm",
-    "image_caption": "caption",
-    "video_caption": "caption",
-    "image_retrieval": "retrieval",
-    "video_retrieval": "retrieval",
-    "text_classification": "text_classification",
-}
-
-
 @dataclass
 class TaskBatch:
-    """One unmixed batch of a task.
+    """One unmixed batch of a task. `kind` is the formulation of its task type (its `TaskSpec.kind`
+    in `uniperceiver.tasks`, e.g. classification, retrieval, mlm, caption, text_classification).
 
     classification / text_classification: `labels` [B] index the `target_set`; text
       classification also gives `spe_index` [B], the position of `<|spe|>` inside the text.
@@ -190,7 +176,7 @@ class TaskBatch:
     """
 
     task: str
-    kind: TaskKind
+    kind: str
     temperature: str
     inputs: Sequence
     labels: Tensor | None = None
@@ -217,6 +203,8 @@ class TaskBatch:
 
     def with_vocabulary_rows(self, target_set: TargetSet) -> TaskBatch:
         """MLM/caption labels are token ids; against a vocabulary subset they become row indices."""
-        if target_set.token_ids_N is None or self.labels is None or self.kind not in ("mlm", "caption"):
+        from ..tasks.registry import kind_spec
+
+        if target_set.token_ids_N is None or self.labels is None or not kind_spec(self.kind).token_labels:
             return self
         return replace(self, labels=target_set.rows_of(self.labels))

@@ -1,29 +1,56 @@
-"""Task formulations: every task is similarity between encoded inputs and encoded targets."""
+"""Task formulations: every task is similarity between encoded inputs and encoded targets.
+
+Each task type is a `TaskSpec` (`registry.py`) declared by the module of its kind:
+`classification.py` (image/video classification, text classification), `retrieval.py`,
+`mlm.py`, `captioning.py` (+ beam search). `run_task` forwards a batch through its kind's spec.
+This package's `__init__` imports only the registry (config, data and modeling look specs up);
+the formulations load on first use.
+"""
 from __future__ import annotations
 
-from torch import Tensor
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from ..modeling.batch import TaskBatch
-from ..modeling.model import UniPerceiver
-from .base import TaskOutput
-from .captioning import BeamSearchOutput, beam_search, caption_loss
-from .classification import classify
-from .losses import accuracy, cross_entropy
-from .mlm import masked_lm
-from .retrieval import retrieve
+from .registry import TaskSpec, all_specs, kind_spec, register, registered, task_spec, task_types
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..modeling.batch import TaskBatch
+    from ..modeling.model import UniPerceiver
+    from .base import TaskOutput
 
 __all__ = [
     "BeamSearchOutput",
     "TaskOutput",
+    "TaskSpec",
     "accuracy",
+    "all_specs",
     "beam_search",
     "caption_loss",
     "classify",
     "cross_entropy",
+    "kind_spec",
     "masked_lm",
+    "register",
+    "registered",
     "retrieve",
     "run_task",
+    "task_spec",
+    "task_types",
 ]
+
+_LAZY = {
+    "BeamSearchOutput": "captioning", "beam_search": "captioning", "caption_loss": "captioning",
+    "TaskOutput": "base", "accuracy": "losses", "cross_entropy": "losses", "classify": "classification",
+    "masked_lm": "mlm", "retrieve": "retrieval",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_task(
@@ -33,17 +60,10 @@ def run_task(
     temporal_offsets: list[int] | None = None,
 ) -> TaskOutput:
     """Forward one task batch; `target_feats` maps target-set names to encoded features."""
-    def feats() -> Tensor:
+    spec = kind_spec(batch.kind)
+    feats = None
+    if spec.needs_target_set:
         if batch.target_set is None or target_feats is None or batch.target_set not in target_feats:
             raise KeyError(f"task {batch.task}: features of target set {batch.target_set!r} were not given")
-        return target_feats[batch.target_set]
-
-    if batch.kind in ("classification", "text_classification"):
-        return classify(model, batch, feats(), temporal_offsets)
-    if batch.kind == "mlm":
-        return masked_lm(model, batch, feats())
-    if batch.kind == "caption":
-        return caption_loss(model, batch, feats(), temporal_offsets)
-    if batch.kind == "retrieval":
-        return retrieve(model, batch, temporal_offsets)
-    raise ValueError(f"unknown task kind {batch.kind!r}")
+        feats = target_feats[batch.target_set]
+    return spec.forward(model, batch, feats, temporal_offsets)

@@ -1,24 +1,29 @@
 """Captioning: training with spe-queries and a structured mask, and beam-search decoding with a
-per-layer key/value cache (OFFICIAL.md 1.4, 3.5).
+per-layer key/value cache (OFFICIAL.md 1.4, 3.5), scored with the COCO caption metrics.
 
 Shape legend: B batch, K beams, V vocabulary, T caption length, D width.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe import RoutingContext, SegmentDecision
+from moe import SegmentDecision
 
-from ..modeling.batch import Sequence, TaskBatch
+from ..evaluation.caption_metrics import SCORERS, caption_metrics, check_caption_tools
+from ..evaluation.evaluators import EvalInputError, Evaluator, TaskResult, jsonable
+from ..modeling.attributes import CAPTION_TEXT, CAPTION_VISUAL
+from ..modeling.batch import Segment, Sequence, TaskBatch
 from ..modeling.decoding import StaticDecoder
 from ..modeling.encoder import LayerCache
 from ..modeling.model import UniPerceiver
-from .base import TaskOutput
-from .losses import accuracy, cross_entropy
+from ..tokenization import ClipTokenizer, pad_ids
+from .base import TaskOutput, word_prediction_output
+from .registry import TaskSpec
 
 EOT_ID = 49407
 SPE_ID = 49410
@@ -31,16 +36,8 @@ def caption_loss(
     if batch.labels is None or not batch.inputs.caption_queries:
         raise ValueError(f"task {batch.task}: caption training needs labels and a [words ; queries] segment")
     enc = model.encode(batch.inputs, temporal_offsets=temporal_offsets)
-    labels_BT = batch.labels.to(enc.hidden_BLD.device)
-    t = labels_BT.shape[1]
-    valid_BT = labels_BT != -1
-    hidden_XD = enc.hidden_BLD[:, -t:][valid_BT]
-    logits_XV = model.logits(model.features(hidden_XD), vocab_feats_VD, batch.temperature)
-    targets_X = labels_BT[valid_BT]
-    out = TaskOutput(logits=logits_XV, decisions=enc.decisions)
-    out.losses["caption"] = batch.loss_weight * cross_entropy(logits_XV, targets_X, batch.label_smoothing)
-    out.metrics["accuracy"] = accuracy(logits_XV, targets_X)
-    return out
+    hidden_BTD = enc.hidden_BLD[:, -batch.labels.shape[1]:]  # the queries
+    return word_prediction_output(model, batch, hidden_BTD, vocab_feats_VD, "caption", enc.decisions)
 
 
 def beam_select(
@@ -140,14 +137,12 @@ def beam_search(
     assert caches is not None
     device = enc.hidden_BLD.device
     calls = [enc.decisions] if record_decisions else []
-    # Generated text is routed with the caption-text row (OFFICIAL.md 2.4).
-    ctx = RoutingContext(
-        segment_starts=(0,),
-        attributes_SA=None if text_attributes_SA is None else text_attributes_SA.to(device),
-        task_ids_S=torch.full((1,), prefix.task_id, dtype=torch.long, device=device),
-        modality_ids_S=torch.ones(1, dtype=torch.long, device=device),
-        merged_cache={},  # this generation's merged expert weights (inference only)
-    )
+    # Generated text is routed with the caption-text row (OFFICIAL.md 2.4): the context of a
+    # one-segment text sequence, built as every encoder call builds its own, plus this
+    # generation's merged expert weights (inference only).
+    text = Sequence([Segment("text", torch.zeros(b, 1, dtype=torch.long, device=device))],
+                    attributes_SA=text_attributes_SA, task_id=prefix.task_id)
+    ctx = replace(model.routing_context(text, [1, 1]), merged_cache={})
     vocab = vocab_feats_VD.shape[0]
     eot = EOT_ID  # the vocabulary row of <|endoftext|>
     if vocab_token_ids_V is not None:
@@ -216,3 +211,91 @@ def _best_beams(ids_BKT: Tensor, lp_BKT: Tensor, seq_logprob_BK1: Tensor, len_pe
     if vocab_token_ids_V is not None:
         ids_BKT = vocab_token_ids_V[ids_BKT]
     return BeamSearchOutput(ids_BKT[:, 0], lp_BKT[:, 0], calls, ids_BKT, lp_BKT)
+
+
+def collate(c: Any, samples: list[dict[str, Any]]) -> TaskBatch:
+    """Training (`caption_queries=True`): visual segment + text segment `[caption + EOT (padded
+    to T) ; <|spe|> x len (padded to T)]` of length 2T, positions `[0..T-1, 0..T-1]`, padding
+    masked in both halves; `labels` [B, T] = the caption ids, -1 at padding. Evaluation: the
+    visual segment only, `decode_attributes_SA` = the caption-text row."""
+    seg = c.single_view(samples)
+    rows = c.rows("input")  # [visual row, caption-text row]
+    if not c.training:
+        meta = {"captions": [s.get("captions") for s in samples]}
+        return c.batch(samples, c.seq([seg], rows=rows[:1]), decode_attributes_SA=rows[1:],
+                       target_set=c.task.target_set, meta=meta)
+    seqs = c.tokenizer.encode_texts(c.need(samples, "caption"), append_eot=True, max_len=c.task.max_text_len)
+    words, word_mask = pad_ids(seqs)
+    queries, query_mask = pad_ids([[ClipTokenizer.SPE] * len(s) for s in seqs])
+    labels, _ = pad_ids(seqs, pad=-1)
+    t = words.shape[1]
+    text = Segment("text", torch.cat([words, queries], 1), torch.cat([word_mask, query_mask], 1),
+                   positions=torch.arange(t).repeat(2))
+    inputs = c.seq([seg, text], rows=rows, caption_queries=True)
+    return c.batch(samples, inputs, labels=labels, target_set=c.task.target_set)
+
+
+def forward(model: UniPerceiver, batch: TaskBatch, target_feats_ND: Tensor | None,
+            temporal_offsets: list[int] | None = None) -> TaskOutput:
+    if target_feats_ND is None:
+        raise KeyError(f"task {batch.task}: features of target set {batch.target_set!r} were not given")
+    return caption_loss(model, batch, target_feats_ND, temporal_offsets)
+
+
+class CaptionEvaluator(Evaluator):
+    """Beam search (beam, max length, length penalty from the task) and COCO caption metrics."""
+
+    tokenizer: Any = None
+    spice: bool | None = None
+    scorers: tuple[str, ...] = SCORERS
+
+    def check_dataset(self, dataset: Any) -> None:
+        check_caption_tools()  # no Java: fail now, not after decoding the whole set
+        ids = None if self.target_set is None else self.target_set.token_ids_N
+        if ids is not None and not bool((ids == EOT_ID).any()):
+            raise EvalInputError(f"task {self.task.name!r}: the vocabulary subset {self.task.target_set!r} "
+                                 f"({self.target_source}) lacks <|endoftext|> ({EOT_ID}); captions could never end")
+
+    @torch.no_grad()
+    def process(self, indices: list[int], infos: list[dict], batch: TaskBatch) -> list[tuple[int, Any]]:
+        from ..modeling.attributes import task_attributes
+
+        vocab_VD = self.target_features()
+        text_rows = batch.decode_attributes_SA
+        if text_rows is None and batch.inputs.attributes_SA is not None:
+            text_rows = task_attributes(self.task.type, "input")[1:]  # the caption-text row
+        assert self.target_set is not None
+        out = beam_search(self.model, batch.inputs, text_rows, vocab_VD, temperature=batch.temperature,
+                          beam_size=self.task.beam_size, max_len=self.task.max_gen_len,
+                          len_penalty=self.task.len_penalty, vocab_token_ids_V=self.target_set.token_ids_N)
+        meta_caps = batch.meta.get("captions")
+        meta_ids = batch.meta.get("ids")
+        records = []
+        for i, idx in enumerate(indices):
+            refs = infos[i].get("captions") if i < len(infos) else None
+            if refs is None and meta_caps is not None:
+                refs = meta_caps[i]
+            sid = infos[i].get("id") if i < len(infos) and "id" in infos[i] else (
+                meta_ids[i] if meta_ids is not None else idx)
+            if not refs:
+                raise EvalInputError(f"task {self.task.name!r}: sample {sid!r} has no reference captions")
+            text = self.tokenizer.decode(out.ids_BT[i].cpu(), stop_at_eot=True).strip()
+            records.append((idx, {"id": sid, "caption": text, "references": [str(r) for r in refs]}))
+        return records
+
+    def summarize(self, records: list[Any]) -> TaskResult:
+        refs = {i: r["references"] for i, r in enumerate(records)}
+        preds = {i: r["caption"] for i, r in enumerate(records)}
+        metrics, notes = caption_metrics(refs, preds, spice=self.spice, scorers=self.scorers)
+        predictions = [{"id": jsonable(r["id"]), "caption": r["caption"]} for r in records]
+        return TaskResult(metrics, notes, predictions)
+
+
+_ROWS = {"input": (CAPTION_VISUAL, CAPTION_TEXT)}
+_COMMON = dict(collate=collate, forward=forward, evaluator=CaptionEvaluator, target_sets=("vocabulary",),
+               token_labels=True)
+SPECS = (
+    TaskSpec("image_caption", "caption", "image", _ROWS, "caption", formats=("coco_karpathy", "flickr30k", "jsonl",
+                                                                             "demo"), **_COMMON),
+    TaskSpec("video_caption", "caption", "video", _ROWS, "caption", formats=("msvd", "jsonl", "demo"), **_COMMON),
+)

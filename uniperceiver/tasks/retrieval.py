@@ -1,18 +1,25 @@
 """Image/video-text retrieval: inputs and per-sample captions encoded by the same encoder.
 
 Training uses in-batch negatives: label-smoothed CE over the B x B similarity in both directions
-(image->text and its transpose), each weighted by the task's loss weight.
+(image->text and its transpose), each weighted by the task's loss weight. Evaluation ranks every
+caption of the set for every input (and back): R@1/5/10 both ways, the similarity in chunks.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
+from torch import Tensor
 
-from ..modeling.batch import TaskBatch
+from ..evaluation.evaluators import EvalInputError, Evaluator, TaskResult
+from ..evaluation.metrics import retrieval_metrics, retrieval_ranks
+from ..modeling.attributes import VISUAL_INPUT, VISUAL_TASK_TARGET
+from ..modeling.batch import Segment, TaskBatch
 from ..modeling.model import UniPerceiver
 from .base import TaskOutput
 from .losses import accuracy, cross_entropy
+from .registry import TaskSpec
 
 
 def retrieve(model: UniPerceiver, batch: TaskBatch, temporal_offsets: list[int] | None = None) -> TaskOutput:
@@ -38,3 +45,79 @@ def retrieve(model: UniPerceiver, batch: TaskBatch, temporal_offsets: list[int] 
         out.metrics["accuracy_i2t"] = accuracy(logits_BB, labels_B)
         out.metrics["accuracy_t2i"] = accuracy(logits_BB.t(), labels_B)
     return out
+
+
+def collate(c: Any, samples: list[dict[str, Any]]) -> TaskBatch:
+    """Training: visual input, `targets` = one caption per sample (attribute role 'target').
+    Evaluation: every caption of every sample in `targets`, `target_owner` [N] = its sample."""
+    seg = c.single_view(samples)
+    inputs = c.seq([seg])
+    if c.training:
+        ids, mask = c.captions(c.need(samples, "caption"))
+        targets = c.seq([Segment("text", ids, mask)], role="target")
+        return c.batch(samples, inputs, targets=targets)
+    per_sample = c.need(samples, "captions")
+    flat = [cap for caps in per_sample for cap in caps]
+    owner = torch.tensor([i for i, caps in enumerate(per_sample) for _ in caps], dtype=torch.long)
+    ids, mask = c.captions(flat)
+    targets = c.seq([Segment("text", ids, mask)], role="target")
+    return c.batch(samples, inputs, targets=targets, target_owner=owner, meta={"captions": per_sample})
+
+
+def forward(model: UniPerceiver, batch: TaskBatch, target_feats_ND: Tensor | None,
+            temporal_offsets: list[int] | None = None) -> TaskOutput:
+    return retrieve(model, batch, temporal_offsets)
+
+
+class RetrievalEvaluator(Evaluator):
+    """R@1/5/10 image->text (best rank over the image's captions) and text->image."""
+
+    @torch.no_grad()
+    def process(self, indices: list[int], infos: list[dict], batch: TaskBatch) -> list[tuple[int, Any]]:
+        b = len(indices)
+        if batch.targets is None or batch.target_owner is None:
+            raise EvalInputError(f"task {self.task.name!r}: eval batches need every caption of each input "
+                                 "(targets + target_owner)")
+        out = retrieve(self.model, batch)
+        inp_BD = out.extras["input_feats"].float().cpu()
+        txt_ND = out.extras["target_feats"].float().cpu()
+        if inp_BD.shape[0] != b:
+            raise EvalInputError(f"task {self.task.name!r}: {inp_BD.shape[0]} input rows for {b} samples "
+                                 "(multi-view retrieval is not supported)")
+        owner_N = batch.target_owner.cpu().long()
+        records = []
+        for i, idx in enumerate(indices):
+            mine = txt_ND[owner_N == i]
+            if mine.shape[0] == 0:
+                sid = infos[i].get("id", idx) if i < len(infos) else idx
+                raise EvalInputError(f"task {self.task.name!r}: sample {sid!r} has no captions")
+            records.append((idx, {"input": inp_BD[i].clone(), "texts": mine.clone()}))
+        return records
+
+    def summarize(self, records: list[Any]) -> TaskResult:
+        device = next(self.model.parameters()).device
+        inputs_ID = torch.stack([r["input"] for r in records]).to(device)
+        texts_TD = torch.cat([r["texts"] for r in records]).to(device)
+        owner_T = torch.cat([torch.full((r["texts"].shape[0],), i, dtype=torch.long)
+                             for i, r in enumerate(records)]).to(device)
+        i2t, t2i = retrieval_ranks(inputs_ID, texts_TD, owner_T, self.chunk_size)
+        return TaskResult(retrieval_metrics(i2t, t2i),
+                          notes=[f"{inputs_ID.shape[0]} inputs, {texts_TD.shape[0]} captions"])
+
+
+def chance(metric: str, candidates: int, samples: int) -> float | None:
+    """R@k: k of the n samples of the set."""
+    if "@" not in metric or not samples:
+        return None
+    digits = "".join(ch for ch in metric.split("@")[-1] if ch.isdigit())
+    return 100.0 * min(int(digits), samples) / samples if digits else None
+
+
+_ROWS = {"input": (VISUAL_INPUT,), "target": (VISUAL_TASK_TARGET,)}
+_COMMON = dict(collate=collate, forward=forward, evaluator=RetrievalEvaluator, chance=chance)
+SPECS = (
+    TaskSpec("image_retrieval", "retrieval", "image", _ROWS, "retrieve",
+             formats=("coco_karpathy", "flickr30k", "jsonl", "demo"), **_COMMON),
+    TaskSpec("video_retrieval", "retrieval", "video", _ROWS, "retrieve", formats=("msvd", "jsonl", "demo"),
+             **_COMMON),
+)

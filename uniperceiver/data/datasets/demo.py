@@ -50,6 +50,7 @@ from ..demo_files import (
     load_wordnet,
     wordnet_subset_indices,
 )
+from ...tasks.registry import task_spec
 from ...tokenization import ClipTokenizer
 from ..errors import DataError
 from ..text import build_prompt, mask_words, split_words, truncate_keep_last
@@ -165,7 +166,7 @@ class DemoImageDataset(BaseDataset):
     def load(self, record: Record, index: int) -> dict[str, Any]:
         d = record.data
         sample: dict[str, Any] = {"image": self.image(d["row"]), "id": d["row"]}
-        if self.task_type.endswith("classification"):
+        if task_spec(self.task_type).class_labels:
             sample["label"] = d["label"]
         elif self.training:
             sample["caption"] = d["caption"]

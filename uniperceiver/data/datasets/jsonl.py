@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config.schema import DataSourceConfig
+from ...tasks.registry import task_spec
 from ...tokenization import ClipTokenizer
 from ..errors import DataError
 from ..media import load_image
@@ -55,6 +56,7 @@ class JsonlDataset(BaseDataset):
                  data_root: str = "") -> None:
         super().__init__(source, training, data_root, name=f"jsonl[{source.split}]")
         self.task_type = task_type
+        self.spec = task_spec(task_type)
         self.image_transform = image_transform
         self.video_transform = video_transform
         self.tokenizer = tokenizer
@@ -108,8 +110,7 @@ class JsonlDataset(BaseDataset):
         inputs = [k for k in _INPUTS if k in obj]
         if len(inputs) != 1 or not isinstance(obj[inputs[0]], str):
             return "expected exactly one of 'image', 'video', 'text' (a string)"
-        t = self.task_type
-        if t.endswith("classification"):
+        if self.spec.class_labels:
             label = obj.get("label")
             if isinstance(label, bool) or not isinstance(label, (int, str)):
                 return "expected 'label' (an integer or a class name)"
@@ -119,7 +120,7 @@ class JsonlDataset(BaseDataset):
                 if not lookup:
                     return f"label {label!r} is a name, but no options.class_names / options.classes are given"
                 return f"label {label!r} is not a known class name"
-        if t.endswith("caption") or t.endswith("retrieval"):
+        if self.spec.kind in ("caption", "retrieval"):
             caps = obj.get("captions", [obj["caption"]] if isinstance(obj.get("caption"), str) else None)
             if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
                 return "expected 'caption' (str) or 'captions' (non-empty list of str)"
@@ -127,7 +128,7 @@ class JsonlDataset(BaseDataset):
         return None
 
     def labels(self) -> list[int] | None:
-        if not self.task_type.endswith("classification"):
+        if not self.spec.class_labels:
             return None
         return [r.data["label"] for r in self.records]
 
@@ -161,12 +162,12 @@ class JsonlDataset(BaseDataset):
     def _text(self, text: str, sample: dict[str, Any]) -> None:
         if self.tokenizer is None:
             sample["text"] = text
-        elif self.task_type == "text_mlm":
+        elif self.spec.kind == "mlm":
             words = split_words(self.tokenizer, text) + [[self.tokenizer.EOT]]
             ids, labels = mask_words(words, self.mlm_probability, len(self.tokenizer))
             sample["ids"] = truncate_keep_last(ids, self.max_len)
             sample["mlm_labels"] = truncate_keep_last(labels, self.max_len)
-        elif self.task_type == "text_classification":
+        elif self.spec.prompt_spe:
             sample["ids"], sample["spe_index"] = build_prompt(self.tokenizer, self.template, [text], self.max_len)
         else:
             sample["text"] = text
