@@ -169,3 +169,40 @@ def test_prompt_bundle_of_another_shape(reference):
     broken["eval_beams"]["mscoco_caption"]["G_LOGP"] = broken["eval_beams"]["mscoco_caption"]["G_LOGP"] + 0.01
     failed = check_bundle(broken).failed()
     assert {"imagenet/grad/fc_prompt.bias", "prompt/trainable_set", "mscoco_caption/all_beams/G_LOGP"} <= set(failed)
+
+
+def test_dense_bundle_with_empty_gate_lists(reference):
+    """A dense model (MoE off) routes nothing: a bundle whose `gates` entry holds an empty list per
+    task (what the official code logs without MoE) passes; gate calls that routed nothing do not
+    count. A task whose reference did route still fails on the call count."""
+    from uniperceiver.config import RunConfig, load_config
+    from uniperceiver.convert.official_batches import shared_target_sets, translate_batch
+    from uniperceiver.tasks import run_task
+
+    tiny_dense = Path(__file__).resolve().parents[2] / "configs" / "model" / "tiny_dense.yaml"
+    cfg = load_config(RunConfig, str(tiny_dense), ["model.layer_scale_init=1.0", "model.drop_path=0.0"]).model
+    assert not cfg.moe.enabled
+    torch.manual_seed(0)
+    model = UniPerceiver(cfg).eval()
+    tasks = ("imagenet", "K400_retrieve", "mscoco_retrieve")
+    bundle = _small_bundle(reference, model, tasks)
+    with torch.no_grad():
+        for task, raw in bundle["batches_eval"].items():
+            batch = translate_batch(raw, None, training=False)
+            sets = {k: model.encode_targets(v) for k, v in shared_target_sets(raw).items()}
+            out = run_task(model, batch, sets)
+            assert not out.decisions  # dense: nothing routed
+            bundle["eval"][task] = {"logits": out.logits} if out.logits is not None else {
+                "input_feats": out.extras["input_feats"], "tgt_feats": out.extras["target_feats"]}
+    bundle["gates"] = {task: [] for task in tasks}
+    cmp = check_bundle(bundle)
+    assert not cmp.failed(), cmp.failed()
+    assert not [k for k in cmp.results if "/gates/" in k]
+    assert "imagenet/logits" in cmp.results and "mscoco_retrieve/tgt_feats" in cmp.results
+
+    # the control: where the reference routed and we did not, the call count still differs
+    from uniperceiver.tools.check_official import Comparison, _compare_gates
+
+    control = Comparison(1e-4)
+    _compare_gates(control, "imagenet", [[], []], reference["gates"]["imagenet"])
+    assert control.failed() == ["imagenet/gates/num_calls"]

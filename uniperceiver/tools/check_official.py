@@ -82,8 +82,12 @@ def _reference_calls(entries: list) -> list[list[tuple[str, Tensor, Tensor]]]:
 def _compare_gates(cmp: Comparison, task: str, ours_calls: list, ref_entries: list) -> None:
     """When a call of ours routes fewer segments than the reference logged (the caption prefix
     uses only the visual row; decoding only the text row), compare with the rows it used: the
-    first rows for call 0, the last rows for the decoding calls."""
+    first rows for call 0, the last rows for the decoding calls.
+
+    Only calls that routed something count, on both sides: the bundle logs MoE calls only, so a
+    dense model's calls (no decisions) match a bundle whose gate lists are empty."""
     ref_calls = _reference_calls(ref_entries)
+    ours_calls = [call for call in ours_calls if call]
     if len(ours_calls) != len(ref_calls):
         cmp.results[f"{task}/gates/num_calls"] = {"exact": False,
                                                    "error": f"{len(ours_calls)} calls vs reference {len(ref_calls)}"}
