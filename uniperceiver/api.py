@@ -57,23 +57,13 @@ def _tokenizer() -> ClipTokenizer:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> UniPerceiver:
-    """A model file (`save_pretrained`, `python -m uniperceiver.convert`) or a training
-    checkpoint ({'model', 'config'}), in eval mode; MoE layers dropless."""
-    from .config import ModelConfig, from_dict
-    from .evaluation.evaluators import EvalInputError
-    from .evaluation.runner import read_checkpoint
-    from .modeling.model import load_state_dict_strict
+    """A model file (`save_pretrained`, `python -m uniperceiver.convert`), a training checkpoint
+    ({'model', 'config'}) or a sharded run's checkpoint directory, in eval mode with the evaluation
+    settings (MoE layers dropless); `uniperceiver.modeling.checkpoint.load_model` reads them."""
+    from .engine.dcp import consolidate_model_state  # a sharded run's distributed checkpoint
+    from .modeling.checkpoint import load_model as _load
 
-    state, saved = read_checkpoint(path)
-    if saved is None:
-        raise EvalInputError(f"checkpoint {path} records no model config; build the model from a run config "
-                             "with `uniperceiver.evaluation.load_eval_model(cfg, path)`")
-    cfg = from_dict(ModelConfig, saved, source=f"{path}:config")
-    cfg.drop_path = 0.0
-    cfg.moe.routing.dropless = True
-    model = UniPerceiver(cfg)
-    load_state_dict_strict(model, state, source=f"checkpoint {path}")
-    return model.to(device).eval()
+    return _load(path, device=device, read_sharded=consolidate_model_state)
 
 
 # ----------------------------------------------------------------------------- inputs

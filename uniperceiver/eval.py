@@ -19,9 +19,10 @@ from .config import ConfigError, RunConfig, load_config, parse_cli
 from .data.errors import DataError
 from .distributed import init_distributed, pick_device_type, shutdown
 from .evaluation.evaluators import EvalInputError
+from .modeling.checkpoint import CheckpointError
 from .evaluation.runner import evaluate, output_path, write_report
 
-USER_ERRORS = (ConfigError, EvalInputError, DataError, FileNotFoundError)
+USER_ERRORS = (ConfigError, EvalInputError, CheckpointError, DataError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

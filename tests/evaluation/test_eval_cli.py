@@ -10,7 +10,8 @@ import torch
 import eval_fakes as F
 from uniperceiver import eval as eval_cli
 from uniperceiver.config import dump_yaml, to_dict
-from uniperceiver.evaluation import EvalInputError, evaluate, load_eval_model
+from uniperceiver.evaluation import EvalInputError, evaluate
+from uniperceiver.modeling.checkpoint import load_model
 from uniperceiver.evaluation import runner as runner_mod
 from uniperceiver.modeling.model import UniPerceiver
 
@@ -84,7 +85,7 @@ def test_training_checkpoint_is_accepted(saved, tmp_path):
     path = tmp_path / "step_100.pt"
     state = {f"module.{k}": v for k, v in model.state_dict().items()}  # saved from DDP
     torch.save({"model": state, "config": to_dict(cfg), "step": 100, "optimizer": {}}, path)
-    loaded = load_eval_model(cfg, path)
+    loaded = load_model(path, cfg.model)
     assert loaded.cfg.moe.routing.dropless and loaded.cfg.drop_path == 0.0 and not loaded.training
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

@@ -150,5 +150,5 @@ def test_token_routed_moe_drops_no_token(monkeypatch):
 
     assert metrics(1) == metrics(13)
     assert not model.encoder.layers[0].qkv.cfg.dropless  # the model's own settings are restored
-    monkeypatch.setattr(runner, "dropless", lambda m: contextlib.nullcontext())
+    monkeypatch.setattr(runner, "eval_settings", lambda m: contextlib.nullcontext())
     assert metrics(1) != metrics(13)  # the control: with capacity, batching changes the result

@@ -347,7 +347,8 @@ def consolidate(path: str | Path, out: str | Path) -> str:
     checkpoint, loadable by UniPerceiver.from_pretrained, uniperceiver.eval and the API; the
     model config is checked against the weights by building the model and loading strictly."""
     from ..config import ModelConfig, from_dict
-    from ..modeling.model import CHECKPOINT_FORMAT, UniPerceiver, load_state_dict_strict
+    from ..modeling.checkpoint import load_state_dict_strict
+    from ..modeling.model import CHECKPOINT_FORMAT, UniPerceiver
     from ..utils.io import atomic_torch_save
 
     state, run_cfg = consolidate_model_state(path)

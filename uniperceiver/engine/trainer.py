@@ -29,11 +29,11 @@ from .. import distributed as du
 from ..config import RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
 from ..data import build_dataset, build_mixup, build_target_set, check_reader_options, make_collate
 from ..modeling.batch import TargetSet, TaskBatch
-from ..modeling.model import UniPerceiver, load_state_dict_strict
+from ..modeling.checkpoint import load_state_dict_strict, load_weights
 from ..modeling.freezing import apply_trainable, is_prompt_only, trainable_substrings
+from ..modeling.model import UniPerceiver
 from ..tasks import TaskOutput, run_task, task_spec
 from ..tokenization import ClipTokenizer
-from ..utils.io import load_checkpoint_file
 from . import dcp
 from . import fsdp as fsdp_lib
 from .checkpoint import load_latest_checkpoint, save_checkpoint
@@ -133,7 +133,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = UniPerceiver(cfg.model)
         if tcfg.init_from:
-            self._load_init_weights(resolve_path(tcfg.init_from, self.data_root))
+            # a model file, a training checkpoint or a sharded run's distributed checkpoint; a base
+            # model starts a prompt-tuned one (its prompt tensors keep their initial values)
+            load_weights(self.model, resolve_path(tcfg.init_from, self.data_root),
+                         read_sharded=dcp.consolidate_model_state, allow_missing=is_prompt_only)
         # The freezing rule (prompt tuning), before DDP sees which parameters train.
         self.trainable = apply_trainable(self.model, trainable_substrings(cfg.model, tcfg.trainable))
         self.model.encoder.activation_checkpointing = tcfg.activation_checkpointing
@@ -190,16 +193,6 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-
-    def _load_init_weights(self, path: str) -> None:
-        if Path(path).is_dir():  # a sharded run's distributed checkpoint
-            state, _ = dcp.consolidate_model_state(path)
-            load_state_dict_strict(self.model, state, source=path)
-            return
-        blob = load_checkpoint_file(path, weights_only=False)
-        state = blob.get("model", blob) if isinstance(blob, dict) else blob
-        # A base model starts a prompt-tuned one: its prompt tensors keep their initial values.
-        load_state_dict_strict(self.model, state, source=path, allow_missing=is_prompt_only)
 
     def _build_tasks(self) -> list[_TaskData]:
         tasks = []

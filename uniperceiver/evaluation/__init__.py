@@ -10,7 +10,7 @@ from .metrics import (
     retrieval_ranks,
     topk_accuracy,
 )
-from .runner import EvalReport, evaluate, load_eval_model, read_checkpoint, write_report
+from .runner import EvalReport, evaluate, write_report
 from .sharding import gather_records, shard_range
 from .target_features import TargetFeatures
 
@@ -25,9 +25,7 @@ __all__ = [
     "evaluator_for",
     "gather_records",
     "hits_at_k",
-    "load_eval_model",
     "rank_of_label",
-    "read_checkpoint",
     "retrieval_metrics",
     "retrieval_ranks",
     "shard_range",

@@ -8,18 +8,18 @@ the ranks (contiguous, no padding), run the task's evaluator on this rank's batc
 per-sample records in index order, and compute the metrics from the whole list on rank 0, which
 then shares them with every rank. Target sets are encoded once per run (and cached on disk with
 `eval.cache_dir`). The model is built from the config's `model:` section and loads the
-checkpoint strictly; MoE layers run dropless, so no token is ever dropped at evaluation.
+checkpoint strictly (`uniperceiver.modeling.checkpoint`, which also decides the evaluation
+settings: MoE layers run dropless, so no token is ever dropped at evaluation).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,124 +28,15 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist_utils
 from ..config import ConfigError, RunConfig, TaskConfig, resolve_path, to_dict
 from ..modeling.batch import TargetSet
-from ..modeling.model import UniPerceiver, load_state_dict_strict
+from ..modeling.checkpoint import eval_settings, load_model
+from ..modeling.model import UniPerceiver
 from ..tasks.registry import task_spec
-from ..utils.io import load_checkpoint_file
 from .caption_metrics import SCORERS
 from .evaluators import EvalInputError, TaskResult, evaluator_for
 from .sharding import IndexedCollate, IndexedSubset, RankFailed, gather_records, shard_range
 from .target_features import TargetFeatures, file_sha256, model_fingerprint
 
-__all__ = ["EvalReport", "evaluate", "load_eval_model", "read_checkpoint"]
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _load_blob(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True; training checkpoints also hold numpy RNG states, whose
-    numpy globals (and only those) are allowed for a second try. No arbitrary unpickling."""
-    try:
-        return load_checkpoint_file(path, map_location="cpu")
-    except ValueError as first:
-        try:
-            needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a zip checkpoint at all: the first error says why
-            raise first from None
-        if not needed or not all(n.startswith("numpy.") for n in needed):
-            raise first from None
-        import importlib
-
-        import numpy as np
-
-        allowed = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]  # dtype classes
-        for name in needed:
-            module, _, attr = name.rpartition(".")
-            allowed.append(getattr(importlib.import_module(module), attr))
-        with torch.serialization.safe_globals(allowed):
-            return load_checkpoint_file(path, map_location="cpu")
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state dict, saved model config or None) from a model file (`save_pretrained`, the
-    converter), a training checkpoint ({'model', 'config', ...}, config = the run config) or a
-    bare state dict; or a distributed (DCP) training checkpoint directory, consolidated."""
-    if os.path.isdir(path):
-        from ..engine.dcp import DcpCheckpointError, consolidate_model_state
-
-        try:
-            state, run_cfg = consolidate_model_state(path)
-        except DcpCheckpointError as exc:
-            raise EvalInputError(str(exc)) from exc
-        return state, run_cfg.get("model")
-    blob = _load_blob(path)
-    if not isinstance(blob, dict):
-        raise EvalInputError(f"checkpoint {path}: expected a dict, got {type(blob).__name__}")
-    saved_cfg = None
-    if "model" in blob and isinstance(blob["model"], dict):
-        state = blob["model"]
-        cfg = blob.get("config")
-        if isinstance(cfg, dict):
-            saved_cfg = cfg.get("model") if isinstance(cfg.get("model"), dict) else cfg
-    elif blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
-        state = blob
-    else:
-        raise EvalInputError(
-            f"checkpoint {path}: neither a uniperceiver-moe model file / training checkpoint (key 'model') "
-            f"nor a state dict (top-level keys: {sorted(map(str, blob))[:10]}); convert official "
-            "checkpoints with `python -m uniperceiver.convert`"
-        )
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state, saved_cfg
-
-
-_SIZE_KEYS = ("d_model", "num_layers", "num_heads", "d_ffn")
-
-
-def load_eval_model(cfg: RunConfig, checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> UniPerceiver:
-    """The config's model (drop path off, MoE dropless) with the checkpoint's weights, strictly:
-    a checkpoint of another size fails naming the file and every mismatching key and shape."""
-    state, saved = read_checkpoint(checkpoint)
-    model_cfg = eval_model_config(cfg)
-    model = UniPerceiver(model_cfg)
-    try:
-        load_state_dict_strict(model, state, source=f"checkpoint {checkpoint}")
-    except ValueError as e:
-        hint = ""
-        if saved is not None:
-            moe_saved = (saved.get("moe") or {}).get("enabled")
-            theirs = {k: saved.get(k) for k in _SIZE_KEYS} | {"moe": moe_saved}
-            ours = {k: getattr(model_cfg, k) for k in _SIZE_KEYS} | {"moe": model_cfg.moe.enabled}
-            if theirs != ours:
-                hint = (f"\nthe checkpoint was saved for {theirs}, but the config builds {ours}: "
-                        "pick the matching model config (its `_base_`) or override model.*")
-        raise EvalInputError(f"{e}{hint}") from None
-    return model.to(device).eval()
-
-
-@contextlib.contextmanager
-def dropless(model: torch.nn.Module) -> Iterator[None]:
-    """Run every token-routed MoE layer of `model` without capacity (no token dropped), and put
-    its settings back afterwards; for models built elsewhere (`load_eval_model` builds dropless)."""
-    from moe import MoEConfig
-
-    swapped = []
-    for module in model.modules():
-        cfg = getattr(module, "cfg", None)
-        if isinstance(cfg, MoEConfig) and not cfg.dropless:
-            swapped.append((module, cfg))
-            module.cfg = replace(cfg, dropless=True)
-    try:
-        yield
-    finally:
-        for module, cfg in swapped:
-            module.cfg = cfg
-
-
-def eval_model_config(cfg: RunConfig):
-    """The config's model for evaluation: no drop path; token-routed MoE layers dropless."""
-    m = cfg.model
-    routing = replace(m.moe.routing, dropless=True)
-    return replace(m, drop_path=0.0, moe=replace(m.moe, routing=routing))
+__all__ = ["EvalReport", "evaluate"]
 
 
 # ----------------------------------------------------------------------------- report
@@ -423,7 +314,9 @@ def evaluate(
         if not checkpoint:
             raise ConfigError("no checkpoint to evaluate: set eval.checkpoint=PATH (in the config or "
                               "as a command-line override)")
-        model = load_eval_model(cfg, checkpoint, device)
+        from ..engine.dcp import consolidate_model_state  # a sharded run's distributed checkpoint
+
+        model = load_model(checkpoint, cfg.model, device=device, read_sharded=consolidate_model_state)
     else:
         model = model.to(device).eval()
     if build_dataset is None or make_collate is None or build_target_set is None:
@@ -455,7 +348,7 @@ def evaluate(
     report = EvalReport()
     for task in tasks:
         start = time.perf_counter()
-        with dropless(model):
+        with eval_settings(model):
             result, n = _evaluate_task(run, task)
         report.metrics[task.name] = result.metrics
         if result.notes:

@@ -185,44 +185,9 @@ class UniPerceiver(nn.Module):
     def from_pretrained(
         cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), map_location: str = "cpu"
     ) -> UniPerceiver:
-        """Build from a file written by `save_pretrained` or `python -m uniperceiver.convert`;
-        every key and shape must match (the error lists what does not)."""
-        from ..config import ModelConfig as _ModelConfig, apply_overrides, from_dict
-        from ..utils.io import load_checkpoint_file
+        """Build from a model file (`save_pretrained`, `python -m uniperceiver.convert`) or a
+        training checkpoint, with its saved config plus `overrides`; every key and shape must
+        match (the error lists what does not). See `uniperceiver.modeling.checkpoint`."""
+        from .checkpoint import load_model
 
-        blob = load_checkpoint_file(path, map_location=map_location)
-        if not isinstance(blob, dict) or "config" not in blob or "model" not in blob:
-            raise ValueError(
-                f"{path}: not a uniperceiver-moe model file (expected keys 'config' and 'model'; "
-                "convert official checkpoints with `python -m uniperceiver.convert`)"
-            )
-        cfg_dict = apply_overrides(dict(blob["config"]), list(overrides))
-        cfg = from_dict(_ModelConfig, cfg_dict, source=f"{path}:config")
-        model = cls(cfg)
-        load_state_dict_strict(model, blob["model"], source=str(path))
-        return model
-
-
-def load_state_dict_strict(
-    model: nn.Module, state: dict[str, Tensor], source: str, allow_missing=None
-) -> None:
-    """load_state_dict that names every missing, unexpected and mis-shaped key. Keys for which
-    `allow_missing(key)` is true may be absent (they keep the model's values)."""
-    own = model.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if allow_missing is None or not allow_missing(k))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or mis_shaped:
-        lines = [f"{source}: state dict does not match the model"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-            if items:
-                lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {item}" for item in items[:50])
-                if len(items) > 50:
-                    lines.append(f"    ... and {len(items) - 50} more")
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(state, strict=allow_missing is None)
+        return load_model(path, evaluation=False, overrides=overrides, map_location=map_location)
