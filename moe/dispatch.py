@@ -190,10 +190,6 @@ def gather_slots(x_TI: Tensor, plan: DispatchPlan) -> Tensor:
     return _Gather.apply(x_TI, plan)
 
 
-def slot_gates(gates_TK: Tensor, plan: DispatchPlan) -> Tensor:
-    return gates_TK.reshape(-1).index_select(0, plan.slot_idx_M)
-
-
 def combine_slots(y_MO: Tensor, gates_TK: Tensor, plan: DispatchPlan) -> Tensor:
     """Gate-weighted sum of every token's kept slots (dropped slots and padding give zeros)."""
     return _Combine.apply(y_MO, gates_TK, plan)

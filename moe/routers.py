@@ -57,19 +57,6 @@ class RoutingContext:
     def num_segments(self) -> int:
         return len(self.segment_starts)
 
-    def select_segments(self, rows: list[int], segment_starts: tuple[int, ...]) -> RoutingContext:
-        """The context of a sequence made of some of this one's segments (e.g. caption decoding
-        feeds only text tokens, which must be routed with the text row)."""
-        def pick(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[rows]
-
-        return RoutingContext(
-            segment_starts=segment_starts,
-            attributes_SA=pick(self.attributes_SA),
-            task_ids_S=pick(self.task_ids_S),
-            modality_ids_S=pick(self.modality_ids_S),
-        )
-
     def valid_tokens_T(self, batch: int, length: int) -> Tensor | None:
         """Flattened (B*L) True-for-real-token mask, or None when nothing is padded."""
         if self.padding_mask_BL is None:

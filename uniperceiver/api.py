@@ -27,10 +27,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .data.target_sets import vocabulary_target_set
 from .modeling.attributes import target_set_attributes, task_attributes
 from .modeling.batch import Segment, Sequence, TargetSet
 from .modeling.model import UniPerceiver
-from .tasks.captioning import EOT_ID, beam_search
+from .tasks.captioning import beam_search
 from .tasks.registry import task_spec
 from .tokenization import ClipTokenizer
 
@@ -151,12 +152,6 @@ def rank_captions(model: UniPerceiver, images: Seq[ImageLike], captions: Seq[str
     text_feats_TD = encode_texts(model, captions, task_attributes("image_retrieval", "target"))
     image_feats_ID = encode_images(model, images, task="image_retrieval", batch_size=batch_size)
     return (image_feats_ID @ text_feats_TD.t()).cpu()
-
-
-def vocabulary_target_set(vocab_size: int = 49411) -> TargetSet:
-    """The Vocab_Word set: `[v, <|endoftext|>]` for every id v (encoded as [SPE, v, EOT])."""
-    ids = torch.stack([torch.arange(vocab_size), torch.full((vocab_size,), EOT_ID)], dim=1)
-    return TargetSet("Vocab_Word", ids, None, attributes_SA=target_set_attributes("vocabulary"))
 
 
 # model -> (weights stamp, device, features): valid while no parameter was modified in place

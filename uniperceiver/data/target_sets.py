@@ -22,7 +22,18 @@ from ..tokenization import ClipTokenizer, pad_ids
 from .errors import DataError
 from .datasets.base import read_lines
 
-__all__ = ["TargetSetSource", "build_target_set", "read_class_names"]
+__all__ = ["TargetSetSource", "build_target_set", "read_class_names", "vocabulary_target_set"]
+
+
+def vocabulary_target_set(vocab_size: int = ClipTokenizer.vocab_size, token_ids: list[int] | None = None,
+                          name: str = "Vocab_Word") -> TargetSet:
+    """The Vocab_Word set: `[v, <|endoftext|>]` for every id v < vocab_size (encoded as
+    [SPE, v, EOT]), or only for `token_ids` (a vocabulary subset; `token_ids_N` maps its rows to
+    token ids)."""
+    tokens = torch.arange(vocab_size) if token_ids is None else torch.tensor(token_ids)
+    ids = torch.stack([tokens, torch.full_like(tokens, ClipTokenizer.EOT)], dim=1)
+    return TargetSet(name, ids, None, attributes_SA=target_set_attributes("vocabulary"),
+                     token_ids_N=None if token_ids is None else tokens)
 
 
 def read_class_names(path: str) -> list[list[str]]:
@@ -74,10 +85,9 @@ class TargetSetSource:
         self._cached: TargetSet | None = None
         self.token_ids: torch.Tensor | None = None
         if kind == "vocabulary":
-            tokens = torch.arange(tokenizer.vocab_size) if vocab_ids is None else torch.tensor(vocab_ids)
-            self.token_ids = None if vocab_ids is None else tokens
-            ids = torch.stack([tokens, torch.full_like(tokens, tokenizer.EOT)], dim=1)
-            self._fixed = (ids, None)
+            vocab = vocabulary_target_set(tokenizer.vocab_size, vocab_ids, name)
+            self.token_ids = vocab.token_ids_N
+            self._fixed = (vocab.ids_NL, None)
             self._synonyms: list[list[list[int]]] = []
         else:
             if not classes:

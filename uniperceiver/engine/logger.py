@@ -48,7 +48,7 @@ def moe_stats(decisions: list) -> dict[str, float]:
 
 
 class TrainLogger:
-    def __init__(self, output_dir: Path, cfg: TrainConfig, is_main: bool, task_names: list[str]) -> None:
+    def __init__(self, output_dir: Path, cfg: TrainConfig, is_main: bool) -> None:
         self.cfg, self.is_main, self.output_dir = cfg, is_main, output_dir
         self.window: list[dict[str, Any]] = []
         self.start_time = time.perf_counter()

@@ -179,7 +179,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
-        self.logger = TrainLogger(self.output_dir, tcfg, self.rank == 0, [t.cfg.name for t in self.tasks])
+        self.logger = TrainLogger(self.output_dir, tcfg, self.rank == 0)
 
     # ------------------------------------------------------------------ setup
     def _count_encoder_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -235,13 +235,6 @@ def collate(c: Any, samples: list[dict[str, Any]]) -> TaskBatch:
     return c.batch(samples, inputs, labels=labels, target_set=c.task.target_set)
 
 
-def forward(model: UniPerceiver, batch: TaskBatch, target_feats_ND: Tensor | None,
-            temporal_offsets: list[int] | None = None) -> TaskOutput:
-    if target_feats_ND is None:
-        raise KeyError(f"task {batch.task}: features of target set {batch.target_set!r} were not given")
-    return caption_loss(model, batch, target_feats_ND, temporal_offsets)
-
-
 class CaptionEvaluator(Evaluator):
     """Beam search (beam, max length, length penalty from the task) and COCO caption metrics."""
 
@@ -292,7 +285,7 @@ class CaptionEvaluator(Evaluator):
 
 
 _ROWS = {"input": (CAPTION_VISUAL, CAPTION_TEXT)}
-_COMMON = dict(collate=collate, forward=forward, evaluator=CaptionEvaluator, target_sets=("vocabulary",),
+_COMMON = dict(collate=collate, forward=caption_loss, evaluator=CaptionEvaluator, target_sets=("vocabulary",),
                token_labels=True)
 SPECS = (
     TaskSpec("image_caption", "caption", "image", _ROWS, "caption", formats=("coco_karpathy", "flickr30k", "jsonl",

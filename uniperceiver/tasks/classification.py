@@ -71,13 +71,6 @@ def collate_text(c: Any, samples: list[dict[str, Any]]) -> TaskBatch:
     )
 
 
-def forward(model: UniPerceiver, batch: TaskBatch, target_feats_ND: Tensor | None,
-            temporal_offsets: list[int] | None = None) -> TaskOutput:
-    if target_feats_ND is None:
-        raise KeyError(f"task {batch.task}: features of target set {batch.target_set!r} were not given")
-    return classify(model, batch, target_feats_ND, temporal_offsets)
-
-
 class ClassificationEvaluator(Evaluator):
     """Top-1/top-5 of the label among the target set (pessimistic ties, see metrics.py)."""
 
@@ -140,7 +133,7 @@ def chance(metric: str, classes: int, samples: int) -> float | None:
     return 100.0 * min(k, classes) / classes
 
 
-_COMMON = dict(forward=forward, evaluator=ClassificationEvaluator, class_labels=True, chance=chance)
+_COMMON = dict(forward=classify, evaluator=ClassificationEvaluator, class_labels=True, chance=chance)
 SPECS = (
     TaskSpec("image_classification", "classification", "image", {"input": (VISUAL_INPUT,)}, "img_cls",
              formats=("imagenet", "imagenet22k", "jsonl", "demo"), collate=collate_visual,

@@ -17,7 +17,9 @@ from .base import TaskOutput, word_logits, word_prediction_output
 from .registry import TaskSpec
 
 
-def masked_lm(model: UniPerceiver, batch: TaskBatch, vocab_feats_VD: Tensor) -> TaskOutput:
+def masked_lm(model: UniPerceiver, batch: TaskBatch, vocab_feats_VD: Tensor,
+              temporal_offsets: list[int] | None = None) -> TaskOutput:
+    """(`temporal_offsets` is for visual inputs; MLM has none.)"""
     if batch.labels is None:
         raise ValueError(f"task {batch.task}: MLM needs labels [B, L] (-1 where not masked)")
     enc = model.encode(batch.inputs)
@@ -33,13 +35,6 @@ def collate(c: Any, samples: list[dict[str, Any]]) -> TaskBatch:
     if labels.shape != ids.shape:
         raise ValueError(f"task {c.task.name}: mlm_labels and ids differ in length")
     return c.batch(samples, c.seq([Segment("text", ids, mask)]), labels=labels, target_set=c.task.target_set)
-
-
-def forward(model: UniPerceiver, batch: TaskBatch, target_feats_ND: Tensor | None,
-            temporal_offsets: list[int] | None = None) -> TaskOutput:
-    if target_feats_ND is None:
-        raise KeyError(f"task {batch.task}: features of target set {batch.target_set!r} were not given")
-    return masked_lm(model, batch, target_feats_ND)
 
 
 class MLMEvaluator(Evaluator):
@@ -78,6 +73,6 @@ class MLMEvaluator(Evaluator):
 
 SPECS = (
     TaskSpec("text_mlm", "mlm", "text", {"input": (TEXT_INPUT,)}, "text_mlm", formats=("mlm_corpus", "jsonl", "demo"),
-             collate=collate, forward=forward, evaluator=MLMEvaluator, target_sets=("vocabulary",),
+             collate=collate, forward=masked_lm, evaluator=MLMEvaluator, target_sets=("vocabulary",),
              token_labels=True),
 )

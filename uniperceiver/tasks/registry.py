@@ -36,7 +36,7 @@ class TaskSpec:
     `collate(c, samples)` turns reader samples into a `TaskBatch` (`c` is the task's
     `uniperceiver.data.collate.TaskCollate`, which offers the shared pieces); `forward(model,
     batch, target_feats_ND, temporal_offsets)` returns a `TaskOutput` with the weighted losses
-    (`target_feats_ND` is None for types without a target set); `evaluator` is the
+    (`run_task` passes the features of the batch's target set, None for types without one); `evaluator` is the
     `uniperceiver.evaluation.evaluators.Evaluator` subclass that scores it; `chance(metric,
     num_candidates, num_samples)` is what guessing scores on a metric (None = not defined).
     """
