@@ -32,7 +32,7 @@ from .modeling.attributes import target_set_attributes, task_attributes
 from .modeling.batch import Segment, Sequence, TargetSet
 from .modeling.model import UniPerceiver
 from .tasks.captioning import beam_search
-from .tasks.registry import task_spec
+from .utils.task_registry import task_spec
 from .tokenization import ClipTokenizer
 
 __all__ = [

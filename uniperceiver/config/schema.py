@@ -120,7 +120,7 @@ class TaskConfig:
     len_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        from ..tasks.registry import task_spec  # a leaf module: no cycle
+        from ..utils.task_registry import task_spec
 
         spec = task_spec(self.type)
         if self.temperature is None:

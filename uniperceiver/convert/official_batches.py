@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from ..modeling.batch import Segment, Sequence, TargetSet, TaskBatch
-from ..tasks.registry import task_spec
+from ..utils.task_registry import task_spec
 
 @dataclass
 class OfficialTaskSettings:

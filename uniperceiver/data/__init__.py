@@ -30,7 +30,7 @@ from ..config.model import ModelConfig
 from ..config.loader import ConfigError
 from ..config.schema import RunConfig, TaskConfig, resolve_path
 from ..tokenization import ClipTokenizer
-from ..tasks.registry import task_spec
+from ..utils.task_registry import task_spec
 from .collate import TaskCollate, make_collate, pad_ids
 from .errors import DataError, MediaError
 from .rng import mix_seed, sample_rng, split_index

@@ -20,8 +20,8 @@ from torch import Tensor
 from ..config.schema import TaskConfig
 from ..modeling.attributes import task_attributes
 from ..modeling.batch import Segment, Sequence, TaskBatch
-from ..tasks.registry import task_spec
 from ..tokenization import ClipTokenizer, pad_ids
+from ..utils.task_registry import task_spec
 
 __all__ = ["TaskCollate", "make_collate", "pad_ids"]
 

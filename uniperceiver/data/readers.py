@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from ..config.model import ModelConfig
 from ..config.schema import DataSourceConfig, TaskConfig
-from ..tasks.registry import task_spec
 from ..tokenization import ClipTokenizer
+from ..utils.task_registry import task_spec
 from . import datasets as ds
 from .datasets.base import NoOptions
 from .datasets.demo import DemoOptions, build_demo_dataset

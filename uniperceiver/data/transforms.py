@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 
 from ..config.model import ModelConfig
 from ..config.schema import TaskConfig
-from ..tasks.registry import kind_spec, task_spec
+from ..utils.task_registry import kind_spec, task_spec
 
 __all__ = [
     "IMAGENET_MEAN",

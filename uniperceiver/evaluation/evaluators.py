@@ -22,7 +22,7 @@ from torch import Tensor
 from ..config.schema import TaskConfig
 from ..modeling.batch import TargetSet, TaskBatch
 from ..modeling.model import UniPerceiver
-from ..tasks.registry import task_spec
+from ..utils.task_registry import task_spec
 from .target_features import TargetFeatures
 
 __all__ = ["EvalInputError", "Evaluator", "TaskResult", "eval_labels", "evaluator_for", "jsonable"]

@@ -30,7 +30,7 @@ from ..config import ConfigError, RunConfig, TaskConfig, resolve_path, to_dict
 from ..modeling.batch import TargetSet
 from ..modeling.checkpoint import eval_settings, load_model
 from ..modeling.model import UniPerceiver
-from ..tasks.registry import task_spec
+from ..utils.task_registry import task_spec
 from .caption_metrics import SCORERS
 from .evaluators import EvalInputError, TaskResult, evaluator_for
 from .sharding import IndexedCollate, IndexedSubset, RankFailed, gather_records, shard_range

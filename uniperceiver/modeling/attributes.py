@@ -31,7 +31,7 @@ TARGET_SET_KINDS = tuple(_TARGET_SET_ROWS)
 
 def task_attributes(task_type: str, role: str = "input") -> Tensor:
     """Rows [S, 8] for a task's input (or per-sample target) sequence (from its TaskSpec)."""
-    from ..tasks.registry import task_spec
+    from ..utils.task_registry import task_spec
 
     try:
         rows = task_spec(task_type).attribute_rows(role)  # type: ignore[arg-type]

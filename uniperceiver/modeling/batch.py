@@ -203,7 +203,7 @@ class TaskBatch:
 
     def with_vocabulary_rows(self, target_set: TargetSet) -> TaskBatch:
         """MLM/caption labels are token ids; against a vocabulary subset they become row indices."""
-        from ..tasks.registry import kind_spec
+        from ..utils.task_registry import kind_spec
 
         if target_set.token_ids_N is None or self.labels is None or not kind_spec(self.kind).token_labels:
             return self

@@ -1,9 +1,9 @@
 """Task formulations: every task is similarity between encoded inputs and encoded targets.
 
-Each task type is a `TaskSpec` (`registry.py`) declared by the module of its kind:
+Each task type is a `TaskSpec` (`uniperceiver/utils/task_registry.py`) declared by the module of its kind:
 `classification.py` (image/video classification, text classification), `retrieval.py`,
 `mlm.py`, `captioning.py` (+ beam search). `run_task` forwards a batch through its kind's spec.
-This package's `__init__` imports only the registry (config, data and modeling look specs up);
+The registry sits below config, data, modeling and evaluation (they look specs up there);
 the formulations load on first use.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .registry import TaskSpec, all_specs, kind_spec, register, registered, task_spec, task_types
+from ..utils.task_registry import TaskSpec, all_specs, kind_spec, register, registered, task_spec, task_types
 
 if TYPE_CHECKING:
     from torch import Tensor

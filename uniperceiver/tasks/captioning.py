@@ -23,7 +23,7 @@ from ..modeling.encoder import LayerCache
 from ..modeling.model import UniPerceiver
 from ..tokenization import ClipTokenizer, pad_ids
 from .base import TaskOutput, word_prediction_output
-from .registry import TaskSpec
+from ..utils.task_registry import TaskSpec
 
 EOT_ID = 49407
 SPE_ID = 49410

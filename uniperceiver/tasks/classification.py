@@ -20,7 +20,7 @@ from ..modeling.model import UniPerceiver
 from ..tokenization import pad_ids
 from .base import TaskOutput
 from .losses import accuracy, cross_entropy
-from .registry import TaskSpec, kind_spec, task_spec
+from ..utils.task_registry import TaskSpec, kind_spec, task_spec
 
 
 def classify(

@@ -14,7 +14,7 @@ from ..modeling.batch import Segment, TaskBatch
 from ..modeling.model import UniPerceiver
 from ..tokenization import pad_ids
 from .base import TaskOutput, word_logits, word_prediction_output
-from .registry import TaskSpec
+from ..utils.task_registry import TaskSpec
 
 
 def masked_lm(model: UniPerceiver, batch: TaskBatch, vocab_feats_VD: Tensor,

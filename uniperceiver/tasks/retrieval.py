@@ -19,7 +19,7 @@ from ..modeling.batch import Segment, TaskBatch
 from ..modeling.model import UniPerceiver
 from .base import TaskOutput
 from .losses import accuracy, cross_entropy
-from .registry import TaskSpec
+from ..utils.task_registry import TaskSpec
 
 
 def retrieve(model: UniPerceiver, batch: TaskBatch, temporal_offsets: list[int] | None = None) -> TaskOutput:

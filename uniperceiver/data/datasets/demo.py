@@ -50,7 +50,7 @@ from ..demo_files import (
     load_wordnet,
     wordnet_subset_indices,
 )
-from ...tasks.registry import task_spec
+from ...utils.task_registry import task_spec
 from ...tokenization import ClipTokenizer
 from ..errors import DataError
 from ..text import build_prompt, mask_words, split_words, truncate_keep_last

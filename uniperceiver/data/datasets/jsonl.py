@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config.schema import DataSourceConfig
-from ...tasks.registry import task_spec
+from ...utils.task_registry import task_spec
 from ...tokenization import ClipTokenizer
 from ..errors import DataError
 from ..media import load_image

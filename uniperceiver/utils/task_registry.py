@@ -1,7 +1,8 @@
 """The task registry: one `TaskSpec` per task type holds everything that type means.
 
 A task type (the `type:` of a task in a run config) is declared by a `TaskSpec` in a module of
-`uniperceiver/tasks/` that lists it in `SPECS`. Config validation, collation, the trainer, the
+`uniperceiver/tasks/` that lists it in `SPECS` (re-exported as `uniperceiver.tasks.TaskSpec`,
+`task_spec`, `register`, ...). Config validation, collation, the trainer, the
 evaluation runner, the data readers and the demo look the spec up here (`task_spec(type)`);
 nothing else keeps a table of task types. Types that share a formulation (image and video
 classification) share a `kind`, the `TaskBatch.kind` their batches carry, and with it the
@@ -11,8 +12,9 @@ Adding a task type: write `uniperceiver/tasks/<name>.py` with `SPECS = (TaskSpec
 `classification.py`) and a test. Code outside the package (a plugin, a test) calls
 `register(spec)`, or `registered(spec)` for the duration of a `with` block.
 
-This module imports nothing from `uniperceiver` at import time (config, data and modeling import
-it); the built-in specs are imported on the first lookup.
+This module imports nothing from `uniperceiver`: config, data, modeling and evaluation look specs
+up here, below the task modules that import them. The modules of `uniperceiver/tasks/` are found
+and imported by name on the first lookup, as plugins are.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Any, Literal
 __all__ = ["TaskSpec", "all_specs", "kind_spec", "register", "registered", "task_spec", "task_types"]
 
 Role = Literal["input", "target"]
+TASKS_PACKAGE = "uniperceiver.tasks"  # where the built-in task kinds live
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,11 @@ def _load_builtins() -> None:
     if _REGISTRY.loaded:
         return
     _REGISTRY.loaded = True
-    package = importlib.import_module(__package__)
+    package = importlib.import_module(TASKS_PACKAGE)
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name == "registry" or info.name.startswith("_"):
+        if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{__package__}.{info.name}")
+        module = importlib.import_module(f"{TASKS_PACKAGE}.{info.name}")
         for spec in getattr(module, "SPECS", ()):
             register(spec)
 
