@@ -20,7 +20,8 @@ from .data.errors import DataError
 from .distributed import init_distributed, pick_device_type, shutdown
 from .evaluation.evaluators import EvalInputError
 from .modeling.checkpoint import CheckpointError
-from .evaluation.runner import evaluate, output_path, write_report
+from .evaluation.report import output_path, write_report
+from .evaluation.runner import evaluate
 
 USER_ERRORS = (ConfigError, EvalInputError, CheckpointError, DataError, FileNotFoundError)
 

@@ -1,6 +1,6 @@
 """Tiny synthetic eval data for the evaluation tests, following the eval sample convention of
 `uniperceiver.data` (`image` [3,H,W] / `video` [T,3,H,W] or [V,T,3,H,W], `label`, `captions`,
-`id`) and its collate output (`TaskBatch`).
+`id`); `use_fake_data` makes evaluation read it (collation and target sets are the real ones).
 
 Also runnable as a script, to evaluate in one of several processes (set RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT as torchrun does):
@@ -123,57 +123,16 @@ def build_dataset(task, split, tokenizer, model_cfg, data_root, num_classes=None
     return ds
 
 
-def make_collate(task, tokenizer, training=False, task_id=0):
-    kind = task_spec(task.type).kind
-    modality = task_spec(task.type).modality
-    rows = task_attributes(task.type, "input")
+def use_fake_data(monkeypatch=None) -> None:
+    """Evaluation reads the synthetic datasets above instead of the config's data: the loop's one
+    data entry point (`uniperceiver.evaluation.loop.build_dataset`) is replaced; collation and
+    target sets stay the real ones (each task type's TaskSpec)."""
+    from uniperceiver.evaluation import loop
 
-    def collate(samples: list[dict]) -> TaskBatch:
-        pixels = torch.stack([s[modality] for s in samples])
-        if pixels.dim() == 6:  # [B, V, T, 3, H, W] -> views concatenated along the batch
-            pixels = pixels.flatten(0, 1)
-        if kind == "caption":
-            return TaskBatch(task=task.name, kind="caption", temperature=task.temperature,
-                             inputs=Sequence([Segment(modality, pixels)], attributes_SA=rows[:1]),
-                             target_set=task.target_set, decode_attributes_SA=rows[1:],
-                             meta={"ids": [s["id"] for s in samples], "captions": [s["captions"] for s in samples]})
-        inputs = Sequence([Segment(modality, pixels)], attributes_SA=rows)
-        if kind == "classification":
-            return TaskBatch(task=task.name, kind="classification", temperature=task.temperature, inputs=inputs,
-                             labels=torch.tensor([s["label"] for s in samples]), target_set=task.target_set)
-        texts = [c for s in samples for c in s["captions"]]
-        owner = [i for i, s in enumerate(samples) for _ in s["captions"]]
-        ids, pad = tokenizer.batch_encode(texts, append_eot=True, max_len=task.max_text_len)
-        targets = Sequence([Segment("text", ids, pad)], attributes_SA=task_attributes(task.type, "target"))
-        return TaskBatch(task=task.name, kind="retrieval", temperature=task.temperature, inputs=inputs,
-                         targets=targets, target_owner=torch.tensor(owner))
-
-    return collate
-
-
-class _Built:
-    """Like `uniperceiver.data.TargetSetSource`: `.get()`, `.classes`, `.source`."""
-
-    def __init__(self, ts: TargetSet, classes=None, source: str = "") -> None:
-        self.ts, self.classes, self.source = ts, classes, source
-
-    def get(self) -> TargetSet:
-        return self.ts
-
-
-def build_target_set(name, cfg, tokenizer, data_root):
-    if cfg.kind == "vocabulary":
-        return _Built(vocabulary_target_set())
-    names, source = cfg.names, f"target_sets.{name}.names"
-    if names is None:
-        with open(cfg.file, encoding="utf-8") as f:
-            names, source = [line.strip() for line in f if line.strip()], cfg.file
-    ids, pad = tokenizer.batch_encode(names, append_eot=True)
-    return _Built(TargetSet(name, ids, pad, attributes_SA=target_set_attributes(cfg.kind)), [[n] for n in names],
-                  source)
-
-
-FAKES = {"build_dataset": build_dataset, "make_collate": make_collate, "build_target_set": build_target_set}
+    if monkeypatch is None:  # a process of its own (main below)
+        loop.build_dataset = build_dataset
+    else:
+        monkeypatch.setattr(loop, "build_dataset", build_dataset)
 
 
 def main(argv: list[str]) -> int:
@@ -195,7 +154,8 @@ def main(argv: list[str]) -> int:
         model = UniPerceiver(from_dict(ModelConfig, blob["config"]))
         model.load_state_dict(blob["model"])
         cfg = run_config(model.cfg, extra=overrides)
-        report = evaluate(cfg, model=model, progress=False, caption_scorers=("BLEU", "CIDEr"), **FAKES)
+        use_fake_data()
+        report = evaluate(cfg, model=model, progress=False, caption_scorers=("BLEU", "CIDEr"))
     if dist.is_initialized():
         dist.destroy_process_group()
     with open(out_path, "w") as f:

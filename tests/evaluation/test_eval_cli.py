@@ -12,14 +12,7 @@ from uniperceiver import eval as eval_cli
 from uniperceiver.config import dump_yaml, to_dict
 from uniperceiver.evaluation import EvalInputError, evaluate
 from uniperceiver.modeling.checkpoint import load_model
-from uniperceiver.evaluation import runner as runner_mod
 from uniperceiver.modeling.model import UniPerceiver
-
-
-@pytest.fixture
-def fake_data(monkeypatch):
-    monkeypatch.setattr(runner_mod, "_data_api",
-                        lambda: (F.build_dataset, F.make_collate, F.build_target_set))
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +84,7 @@ def test_training_checkpoint_is_accepted(saved, tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def test_class_name_file_of_wrong_length(saved, tmp_path):
+def test_class_name_file_of_wrong_length(saved, fake_data, tmp_path):
     model, _, _ = saved
     names = tmp_path / "classes.txt"
     names.write_text("\n".join(f"class {i}" for i in range(9)) + "\n")
@@ -99,16 +92,16 @@ def test_class_name_file_of_wrong_length(saved, tmp_path):
     cfg.target_sets["classes"] = replace(cfg.target_sets["classes"], names=None, file=str(names))
     cfg.task("cls").eval_data.options["num_classes"] = 10
     with pytest.raises(EvalInputError, match=rf"\({names}\) has 9 entries, but the dataset has 10 classes"):
-        evaluate(cfg, model=model, progress=False, **F.FAKES)
+        evaluate(cfg, model=model, progress=False)
 
     # a dataset that does not know its class count: the first label past the end fails
     del cfg.task("cls").eval_data.options["num_classes"]
     with pytest.raises(EvalInputError, match=rf"sample 's9' has label 9, but .*\({names}\) has only 9 "
                                              r"entries; expected at least 10"):
-        evaluate(cfg, model=model, progress=False, **F.FAKES)
+        evaluate(cfg, model=model, progress=False)
 
 
-def test_class_names_checked_against_the_dataset(saved):
+def test_class_names_checked_against_the_dataset(saved, fake_data):
     """Kinetics datasets know their class names (category_mapping.txt): the same names in
     another order stop the run; a differently worded name is only noted."""
     model, _, _ = saved
@@ -117,9 +110,9 @@ def test_class_names_checked_against_the_dataset(saved):
     cfg.task("cls").eval_data.options["class_names"] = list(reversed(names))
     with pytest.raises(EvalInputError, match=r"of category_mapping.txt in another order \(class 0 is 'car thing' "
                                              r"in category_mapping.txt but 'red thing'"):
-        evaluate(cfg, model=model, progress=False, **F.FAKES)
+        evaluate(cfg, model=model, progress=False)
     cfg.task("cls").eval_data.options["class_names"] = [n.replace(" ", "_") for n in names[:9]] + ["kayak"]
-    report = evaluate(cfg, model=model, progress=False, **F.FAKES)
+    report = evaluate(cfg, model=model, progress=False)
     assert report.notes["cls"] == ["1 class names differ from the dataset's (class 9 is 'kayak' in "
                                    "category_mapping.txt but 'car thing' in target_sets.classes.names)"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from uniperceiver.config import RunConfig, load_config
 from uniperceiver.config.schema import DataFormat
-from uniperceiver.evaluation.runner import eval_tasks
+from uniperceiver.evaluation.loop import eval_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs/zeroshot/*.yaml"))

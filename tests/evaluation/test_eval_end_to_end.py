@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import eval_fakes as F
+from uniperceiver.data import build_target_set, make_collate
 from uniperceiver.evaluation import evaluate, write_report
 from uniperceiver.evaluation.target_features import TargetFeatures
 from uniperceiver.tokenization import ClipTokenizer
 
+pytestmark = pytest.mark.usefixtures("fake_data")  # eval_fakes' synthetic datasets
 FAST_SCORERS = ("BLEU", "ROUGE_L", "CIDEr")  # METEOR's JVM start is covered in test_caption_metrics
 
 
@@ -35,7 +37,7 @@ def count_encodes(monkeypatch):
 
 def _run(model, overrides=(), **kwargs):
     cfg = F.run_config(model.cfg, extra=list(overrides))
-    return evaluate(cfg, model=model, progress=False, caption_scorers=FAST_SCORERS, **F.FAKES, **kwargs)
+    return evaluate(cfg, model=model, progress=False, caption_scorers=FAST_SCORERS, **kwargs)
 
 
 def _with_second_caption_task(cfg):
@@ -48,7 +50,7 @@ def _with_second_caption_task(cfg):
 def test_end_to_end_and_batch_size_independence(model, count_encodes, tmp_path):
     cache = tmp_path / "cache"
     cfg = _with_second_caption_task(F.run_config(model.cfg, extra=[f"eval.cache_dir={cache}"]))
-    a = evaluate(cfg, model=model, progress=False, caption_scorers=FAST_SCORERS, **F.FAKES)
+    a = evaluate(cfg, model=model, progress=False, caption_scorers=FAST_SCORERS)
     assert set(a.metrics) == {"cls", "ret", "cap", "cap2"}
     assert set(a.metrics["cls"]) == {"top1", "top5"}
     assert set(a.metrics["ret"]) == {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"R_mean"}
@@ -59,16 +61,16 @@ def test_end_to_end_and_batch_size_independence(model, count_encodes, tmp_path):
     assert [p["id"] for p in a.predictions["cap"]] == [f"s{i}" for i in range(5)]
     # class names and the vocabulary are each encoded once, although captioning ran 3 batches in
     # two tasks
-    assert count_encodes == ["classes", "Vocab_Word"]
+    assert count_encodes == ["classes", "vocab"]
 
     # other batch sizes (1, 6, 4: partial last batches) give the same metrics and captions; the
     # target sets now come from the disk cache, nothing is re-encoded
     cfg = _with_second_caption_task(F.run_config(model.cfg, extra=[f"eval.cache_dir={cache}"]))
     for task, bs in zip(cfg.tasks, (1, 6, 4, 1)):
         task.eval_batch_size = bs
-    b = evaluate(cfg, model=model, progress=False, caption_scorers=FAST_SCORERS, **F.FAKES)
-    assert count_encodes == ["classes", "Vocab_Word"]
-    assert b.meta["target_sets"]["loaded_from_cache"] == ["classes", "Vocab_Word"]
+    b = evaluate(cfg, model=model, progress=False, caption_scorers=FAST_SCORERS)
+    assert count_encodes == ["classes", "vocab"]
+    assert b.meta["target_sets"]["loaded_from_cache"] == ["classes", "vocab"]
     assert b.metrics == a.metrics
     assert b.predictions == a.predictions
 
@@ -80,13 +82,13 @@ def test_multiview_video_classification_averages_probabilities(model):
                     eval_clips=2, eval_crops=3, eval_batch_size=3)
     video.eval_data.options.update(n=7, views=6)
     cfg.tasks = [video]
-    report = evaluate(cfg, model=model, progress=False, **F.FAKES)
+    report = evaluate(cfg, model=model, progress=False)
 
     # by hand: every view's softmax over the classes, averaged per video, then ranked
     ds = F.build_dataset(video, "eval", None, model.cfg, "")
     tok = ClipTokenizer()
-    classes = F.build_target_set("classes", cfg.target_sets["classes"], tok, "").get()
-    collate = F.make_collate(video, tok)
+    classes = build_target_set("classes", cfg.target_sets["classes"], tok).get()
+    collate = make_collate(video, tok, training=False)
     with torch.no_grad():
         class_feats = model.encode_targets(classes)
         top1 = []
@@ -100,7 +102,7 @@ def test_multiview_video_classification_averages_probabilities(model):
 
     video.eval_clips = 1  # the collate still gives 6 views: a clear error, not a wrong metric
     with pytest.raises(ValueError, match="6 views per sample, but eval_clips x eval_crops = 3"):
-        evaluate(cfg, model=model, progress=False, **F.FAKES)
+        evaluate(cfg, model=model, progress=False)
 
 
 def test_pinned_metrics_and_json(model, tmp_path):
@@ -146,7 +148,7 @@ def test_token_routed_moe_drops_no_token(monkeypatch):
     def metrics(batch_size):
         run_cfg = F.run_config(model.cfg, extra=["eval.tasks=[ret]"])
         run_cfg.task("ret").eval_batch_size = batch_size
-        return evaluate(run_cfg, model=model, progress=False, **F.FAKES).metrics
+        return evaluate(run_cfg, model=model, progress=False).metrics
 
     assert metrics(1) == metrics(13)
     assert not model.encoder.layers[0].qkv.cfg.dropless  # the model's own settings are restored

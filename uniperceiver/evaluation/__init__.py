@@ -10,7 +10,8 @@ from .metrics import (
     retrieval_ranks,
     topk_accuracy,
 )
-from .runner import EvalReport, evaluate, write_report
+from .report import EvalReport, write_report
+from .runner import evaluate
 from .sharding import gather_records, shard_range
 from .target_features import TargetFeatures
 
