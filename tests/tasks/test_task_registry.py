@@ -62,7 +62,7 @@ TOY = TaskSpec("image_regression", "regression", "image", {"input": (VISUAL_INPU
 def _write_run(tmp: Path) -> Path:
     (tmp / "img").mkdir()
     with open(tmp / "data.jsonl", "w") as f:
-        for i in range(12):
+        for i in range(8):
             value = i % len(VALUES)
             pixels = torch.zeros(32, 32, 3, dtype=torch.uint8)
             for bar in range(value):
@@ -72,7 +72,7 @@ def _write_run(tmp: Path) -> Path:
     data = f"{{format: jsonl, root: {tmp}, annotations: {tmp / 'data.jsonl'}}}"
     cfg = tmp / "run.yaml"
     cfg.write_text(f"""_base_: {REPO / 'configs/model/tiny_moe.yaml'}
-model: {{image_size: 32, layer_scale_init: 0.1}}
+model: {{image_size: 32, layer_scale_init: 0.1, num_layers: 2}}
 target_sets:
   values: {{kind: class_names, names: {json.dumps(VALUES)}}}
 tasks:
