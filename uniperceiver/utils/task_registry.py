@@ -29,6 +29,11 @@ from typing import Any, Literal
 __all__ = ["TaskSpec", "all_specs", "kind_spec", "register", "registered", "task_spec", "task_types"]
 
 Role = Literal["input", "target"]
+
+
+def no_chance(metric: str, candidates: int, samples: int) -> float | None:
+    """No chance level defined (module-level, so a spec pickles into DataLoader workers)."""
+    return None
 TASKS_PACKAGE = "uniperceiver.tasks"  # where the built-in task kinds live
 
 
@@ -60,7 +65,7 @@ class TaskSpec:
     mixup: bool = False  # Mixup/CutMix may apply
     prompt_spe: bool = False  # read at the `<|spe|>` inside the text (spe_index), not at [SPE]
     image_pipeline: Literal["imagenet", "clip"] = "clip"  # the release's image transforms for it
-    chance: Callable[[str, int, int], float | None] = field(default=lambda *_: None)
+    chance: Callable[[str, int, int], float | None] = no_chance
 
     @property
     def needs_target_set(self) -> bool:
