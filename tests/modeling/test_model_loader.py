@@ -51,6 +51,17 @@ def test_every_format_loads_the_same_weights(model, tmp_path):
     fresh = UniPerceiver(model.cfg)
     load_weights(fresh, tmp_path / "train.pt")  # train.init_from
     _same(model, fresh)
+    # a sharded directory goes through the reader the caller passes (engine.dcp's consolidation)
+    (tmp_path / "step_00000007").mkdir()
+    seen = []
+
+    def read_sharded(path):
+        seen.append(path)
+        return model.state_dict(), run_cfg
+
+    sharded = load_model(tmp_path / "step_00000007", read_sharded=read_sharded)
+    assert seen == [tmp_path / "step_00000007"] and read_weights(seen[0], read_sharded=read_sharded).format == "sharded"
+    _same(model, sharded)
 
 
 def test_strict_errors_name_the_file(model, tmp_path):
