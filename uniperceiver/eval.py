@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from .config import ConfigError, RunConfig, load_config, parse_cli
 from .data.errors import DataError
 from .distributed import init_distributed, pick_device_type, shutdown
+from .engine.dcp import consolidate_model_state
 from .evaluation.evaluators import EvalInputError
-from .modeling.checkpoint import CheckpointError
 from .evaluation.report import output_path, write_report
 from .evaluation.runner import evaluate
+from .modeling.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, EvalInputError, CheckpointError, DataError, FileNotFoundError)
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(RunConfig, path, overrides)
         cfg.check_data_paths("eval", cfg.eval.tasks)  # an unset $DATA_PATH fails before the model loads
         info = init_distributed(pick_device_type(cfg.train.device))
-        report = evaluate(cfg, verbose=True)
+        report = evaluate(cfg, verbose=True, read_sharded=consolidate_model_state)  # files or DCP directories
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from ..engine import Trainer, list_checkpoints
+    from ..engine.dcp import consolidate_model_state
     from ..evaluation.runner import evaluate
 
     t0 = time.perf_counter()
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("zero-shot evaluation of %s", checkpoint)
     cfg.eval.checkpoint = str(checkpoint)
-    report = evaluate(cfg, progress=False)
+    report = evaluate(cfg, progress=False, read_sharded=consolidate_model_state)
     chance = chance_levels(cfg, report)
     print()
     print(f"Uni-Perceiver-MoE demo: trained {cfg.train.max_steps} steps in {train_seconds / 60:.1f} min, "

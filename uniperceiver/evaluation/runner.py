@@ -20,7 +20,7 @@ import torch
 
 from .. import distributed as dist_utils
 from ..config import ConfigError, RunConfig, to_dict
-from ..modeling.checkpoint import eval_settings, load_model
+from ..modeling.checkpoint import ShardedReader, eval_settings, load_model
 from ..modeling.model import UniPerceiver
 from .caption_metrics import SCORERS
 from .loop import EvalRun, eval_tasks, evaluate_task
@@ -43,12 +43,15 @@ def evaluate(
     caption_scorers: tuple[str, ...] = SCORERS,
     spice: bool | None = None,
     verbose: bool = False,
+    read_sharded: ShardedReader | None = None,
 ) -> EvalReport:
     """Evaluate `cfg.eval.checkpoint` (or `model`) on the config's eval tasks.
 
     `progress`: bars on rank 0 (default: when stderr is a terminal). `caption_scorers` / `spice`
-    choose the caption metrics (all; SPICE when its jars are installed). `verbose` prints a line per task to stderr (rank 0). Runs on every rank of an
-    initialised process group; an error on any rank is raised on every rank.
+    choose the caption metrics (all; SPICE when its jars are installed). `verbose` prints a line
+    per task to stderr (rank 0). `read_sharded` reads a checkpoint directory (the eval command
+    passes `engine.dcp.consolidate_model_state`). Runs on every rank of an initialised process
+    group; an error on any rank is raised on every rank.
     """
     from ..tokenization import ClipTokenizer
 
@@ -62,9 +65,7 @@ def evaluate(
         if not checkpoint:
             raise ConfigError("no checkpoint to evaluate: set eval.checkpoint=PATH (in the config or "
                               "as a command-line override)")
-        from ..engine.dcp import consolidate_model_state  # a sharded run's distributed checkpoint
-
-        model = load_model(checkpoint, cfg.model, device=device, read_sharded=consolidate_model_state)
+        model = load_model(checkpoint, cfg.model, device=device, read_sharded=read_sharded)
     else:
         model = model.to(device).eval()
     memo: dict[str, str] = {}
