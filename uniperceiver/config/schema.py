@@ -240,7 +240,9 @@ class RunConfig:
         for name in self.model.prompt.fc_prompt_tasks:
             if name not in names:
                 raise ValueError(f"model.prompt.fc_prompt_tasks names {name!r}, not a task (tasks: {names})")
-            if self.task(name).type not in ("image_classification", "video_classification"):
+            from ..utils.task_registry import task_spec
+
+            if not task_spec(self.task(name).type).fc_prompt:
                 raise ValueError(
                     f"model.prompt.fc_prompt_tasks: {name!r} is a {self.task(name).type} task; the FC "
                     "prompt applies to image/video classification only"

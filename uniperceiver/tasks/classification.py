@@ -37,7 +37,7 @@ def classify(
         hidden_BD = enc.hidden_BLD[:, 0]
     raw_BD = model.predictor.project_raw(hidden_BD)
     logits_BN = model.logits(F.normalize(raw_BD.float(), dim=-1), target_feats_ND, batch.temperature)
-    if batch.kind == "classification" and model.uses_fc_prompt(batch.task):
+    if kind_spec(batch.kind).fc_prompt and model.uses_fc_prompt(batch.task):
         logits_BN = model.predictor.add_fc_prompt(logits_BN, raw_BD)
     out = TaskOutput(logits=logits_BN, decisions=enc.decisions)
     if batch.labels is not None:
@@ -137,10 +137,10 @@ _COMMON = dict(forward=classify, evaluator=ClassificationEvaluator, class_labels
 SPECS = (
     TaskSpec("image_classification", "classification", "image", {"input": (VISUAL_INPUT,)}, "img_cls",
              formats=("imagenet", "imagenet22k", "jsonl", "demo"), collate=collate_visual,
-             target_sets=("class_names",), mixup=True, image_pipeline="imagenet", **_COMMON),
+             target_sets=("class_names",), mixup=True, fc_prompt=True, image_pipeline="imagenet", **_COMMON),
     TaskSpec("video_classification", "classification", "video", {"input": (VISUAL_INPUT,)}, "video_cls",
              formats=("kinetics", "jsonl", "demo"), collate=collate_visual,
-             target_sets=("class_names",), mixup=True, image_pipeline="imagenet", **_COMMON),
+             target_sets=("class_names",), mixup=True, fc_prompt=True, image_pipeline="imagenet", **_COMMON),
     TaskSpec("text_classification", "text_classification", "text", {"input": (TEXT_INPUT,)}, "downstream",
              formats=("glue", "jsonl", "demo"), collate=collate_text, target_sets=("verbalizer", "class_names"),
              prompt_spe=True, image_pipeline="imagenet", **_COMMON),

@@ -63,6 +63,7 @@ class TaskSpec:
     class_labels: bool = False  # labels [B] index the target set (checked against the data's classes)
     token_labels: bool = False  # labels are token ids (rows of a vocabulary subset after mapping)
     mixup: bool = False  # Mixup/CutMix may apply
+    fc_prompt: bool = False  # the FC prompt (model.prompt.fc) may add to its logits
     prompt_spe: bool = False  # read at the `<|spe|>` inside the text (spe_index), not at [SPE]
     image_pipeline: Literal["imagenet", "clip"] = "clip"  # the release's image transforms for it
     chance: Callable[[str, int, int], float | None] = no_chance
