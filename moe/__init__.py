@@ -8,12 +8,13 @@ Checkpoints of sharded experts are the trainer's distributed checkpoints
 """
 from .config import DATA_INDEPENDENT_ROUTERS, TOKEN_ROUTERS, MoEConfig
 from .dispatch import DispatchPlan, make_plan
-from .layer import MoEFFN, MoELinear
+from .layer import MoEFFN, MoELinear, routed_ffn
 from .losses import RouterLosses, load_balance_loss, router_z_loss, weighted_aux_loss
 from .merge import merge_expert_weights, segment_linear
 from .routers import (
     AttributeRouter,
     ContextRouter,
+    Decision,
     ModalityRouter,
     RoutingContext,
     SegmentDecision,
@@ -31,6 +32,7 @@ __all__ = [
     "TOKEN_ROUTERS",
     "AttributeRouter",
     "ContextRouter",
+    "Decision",
     "DispatchPlan",
     "MoEConfig",
     "MoEFFN",
@@ -48,6 +50,7 @@ __all__ = [
     "load_balance_loss",
     "make_plan",
     "merge_expert_weights",
+    "routed_ffn",
     "router_z_loss",
     "segment_linear",
     "topk_gating",

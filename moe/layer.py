@@ -28,8 +28,8 @@ from .dispatch import make_plan
 from .experts import ACTIVATIONS, grouped_ffn, grouped_linear
 from .losses import masked_router_losses, router_losses
 from .merge import merge_expert_weights, merge_expert_weights_static, segment_linear
-from .parallel import ExpertParallel, ProcessGroup, gather_experts
-from .routers import RoutingContext, SegmentDecision, TokenDecision, TokenGating, build_router
+from .parallel import ExpertParallel, ProcessGroup, fetch_experts, local_shard
+from .routers import Decision, RoutingContext, SegmentDecision, TokenDecision, TokenGating, build_router
 from .static import (
     StaticPlan,
     capacity_on_device,
@@ -41,8 +41,6 @@ from .static import (
     static_linear,
 )
 from .stats import stats_from_counts
-
-Decision = SegmentDecision | TokenDecision
 
 
 class MoELinear(nn.Module):
@@ -119,20 +117,35 @@ class MoELinear(nn.Module):
                 cache[self] = (decision, weight_SOI, bias_SO)
             y_BLO = segment_linear(x_BLI, weight_SOI, bias_SO, ctx.segment_starts, out_slice, not static)
             return y_BLO, decision
-        expert_fn = partial(_linear_experts, self.weight_EOI, self.bias_EO, out_slice=out_slice)
-        static_fn = partial(_static_linear_experts, self.weight_EOI, self.bias_EO, out_slice=out_slice)
-        y_BLO = _dispatch(self.cfg, x_BLI, decision, expert_fn, self.expert_parallel, static_fn, (self.weight_EOI,))
+        weight_EOI, bias_EO = self.local_experts()
+        expert_fn = partial(_linear_experts, weight_EOI, bias_EO, out_slice=out_slice)
+        static_fn = partial(_static_linear_experts, weight_EOI, bias_EO, out_slice=out_slice)
+        y_BLO = _dispatch(self.cfg, x_BLI, decision, expert_fn, self.expert_parallel, static_fn, (weight_EOI,))
         return y_BLO, decision
 
     def merged_weights(self, decision: SegmentDecision, static: bool = False) -> tuple[Tensor, Tensor | None]:
         """Per segment s: sum_k g[s,k] W[e[s,k]] (and the bias likewise); `static`: without
         reading the expert ids on the host."""
-        # All experts are needed locally to merge; under EP they are gathered (and the
-        # gradient summed back to the owners).
-        weight_EOI = gather_experts(self.weight_EOI, self.expert_parallel)
-        bias_EO = None if self.bias_EO is None else gather_experts(self.bias_EO, self.expert_parallel)
-        merge = merge_expert_weights_static if static else merge_expert_weights
-        return merge(weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK)
+        weight_EOI, bias_EO = self.local_experts()
+        if not self.expert_parallel.enabled:
+            merge = merge_expert_weights_static if static else merge_expert_weights
+            return merge(weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK)
+        # Expert parallel: move the experts, not the tokens. Fetch only the experts this rank's
+        # segments chose (their owners send them; backward returns their gradients to the
+        # owners, and experts nobody chose get zero gradient there), then merge as above. The
+        # fetch reads the ids on the host (its sizes are host-side), so there is no static path.
+        ids_SK = decision.expert_ids_SK
+        needed = sorted(set(ids_SK.reshape(-1).tolist()))
+        weight_UOI = fetch_experts(weight_EOI, self.expert_parallel, needed)
+        bias_UO = None if bias_EO is None else fetch_experts(bias_EO, self.expert_parallel, needed)
+        remap = torch.full((self.cfg.num_experts,), -1, dtype=torch.long)
+        remap[needed] = torch.arange(len(needed))
+        return merge_expert_weights(weight_UOI, bias_UO, remap[ids_SK.cpu()].to(ids_SK.device), decision.gates_SK)
+
+    def local_experts(self) -> tuple[Tensor, Tensor | None]:
+        """This rank's expert rows (the local shard when the parameters are DTensors)."""
+        bias = None if self.bias_EO is None else local_shard(self.bias_EO)
+        return local_shard(self.weight_EOI), bias
 
     def extra_repr(self) -> str:
         ep = self.expert_parallel
@@ -300,24 +313,38 @@ class MoEFFN(nn.Module):
     def forward(
         self, x_BLD: Tensor, ctx: RoutingContext, decision: Decision | None = None
     ) -> tuple[Tensor, Decision]:
-        if decision is None:
-            decision = self.route(ctx, x_BLD)
-        if self.cfg.expert_type == "linear":
-            h_BLF, _ = self.fc1(x_BLD, ctx, decision)
-            y_BLD, _ = self.fc2(ACTIVATIONS[self.activation](h_BLF), ctx, decision)
-            return y_BLD, decision
-        batch, length, _ = x_BLD.shape
-        token = decision
-        if isinstance(decision, SegmentDecision):
-            token = segment_to_token_decision(
-                decision, self.cfg, ctx, batch, length, self.fc1.expert_parallel
-            )
-        weights = (self.fc1.weight_EOI, self.fc1.bias_EO, self.fc2.weight_EOI, self.fc2.bias_EO)
-        expert_fn = partial(_ffn_experts, *weights, activation=self.activation)
-        static_fn = partial(_static_ffn_experts, *weights, activation=self.activation)
-        y_BLD = _dispatch(self.cfg, x_BLD, token, expert_fn, self.fc1.expert_parallel, static_fn,
-                          (self.fc1.weight_EOI, self.fc2.weight_EOI))
+        return routed_ffn(self.fc1, self.fc2, x_BLD, ctx, decision, self.activation)
+
+
+def routed_ffn(
+    fc1: MoELinear,
+    fc2: MoELinear,
+    x_BLD: Tensor,
+    ctx: RoutingContext,
+    decision: Decision | None = None,
+    activation: str = "gelu",
+) -> tuple[Tensor, Decision]:
+    """fc2(act(fc1(x))) with ONE decision (fc1's router) for both, by fc1.cfg.expert_type:
+    "linear": two routed linears sharing the decision (merged under data-independent routing);
+    "ffn": whole-FFN experts, the exact mixture sum_k g_k FFN_{e_k}(x) (a segment decision is
+    broadcast to its tokens and dispatched without drops). `MoEFFN` is these two linears as a
+    module; models that own fc1/fc2 under their own names call this directly."""
+    cfg = fc1.cfg
+    if decision is None:
+        decision = fc1.route(ctx, x_BLD)
+    if cfg.expert_type == "linear":
+        h_BLF, _ = fc1(x_BLD, ctx, decision)
+        y_BLD, _ = fc2(ACTIVATIONS[activation](h_BLF), ctx, decision)
         return y_BLD, decision
+    batch, length, _ = x_BLD.shape
+    token = decision
+    if isinstance(decision, SegmentDecision):
+        token = segment_to_token_decision(decision, cfg, ctx, batch, length, fc1.expert_parallel)
+    weights = (*fc1.local_experts(), *fc2.local_experts())
+    expert_fn = partial(_ffn_experts, *weights, activation=activation)
+    static_fn = partial(_static_ffn_experts, *weights, activation=activation)
+    y_BLD = _dispatch(cfg, x_BLD, token, expert_fn, fc1.expert_parallel, static_fn, (weights[0], weights[2]))
+    return y_BLD, decision
 
 
 def _ffn_experts(w1_EFD, b1_EF, w2_EDF, b2_ED, x_MD, counts, activation="gelu"):

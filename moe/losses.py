@@ -73,7 +73,7 @@ def weighted_aux_loss(decisions: Iterable, load_balance_weight: float, z_loss_we
     """
     total: Tensor | None = None
     for decision in decisions:
-        losses = getattr(decision, "losses", None)
+        losses = decision.losses  # every moe.Decision carries its (possibly absent) losses
         if losses is None:
             continue
         term = load_balance_weight * losses.load_balance + z_loss_weight * losses.z_loss

@@ -7,14 +7,14 @@ Rank r owns global experts [r*El, (r+1)*El). Token dispatch sends every kept slo
 owning its expert with a variable-size all-to-all: ranks first exchange their per-expert counts,
 so ranks with different token counts (or different tasks, hence different routing) never wait on
 each other's shapes; there is no padding to agree on. Merged (data-independent) routing instead
-all-gathers the expert weights, so a rank merges exactly the experts its own segments chose.
+moves the experts, not the tokens: a rank fetches only the experts its own segments chose
+(top-k of E) from their owners, merges them locally, and returns their gradients to the owners.
 
 Every rank of the group must call each MoE sublayer the same number of times per step (the
-collectives, all-to-all for token routing and the weight all-gather for merged routing, are
-matched by order). A shared model definition is not enough where ranks run different numbers of
-forward passes in a step (Uni-Perceiver with unmixed task sampling encodes one sequence set for
-some tasks and two for others): such a caller must pad the short ranks with extra passes, which
-the trainer does not do yet, so it does not shard experts.
+collectives, all-to-all for token routing and the expert fetch for merged routing, are matched
+by order). A shared model definition is not enough where ranks run different numbers of forward
+passes in a step; Uni-Perceiver's trainer therefore encodes everything of a micro-step in ONE
+encoder call (uniperceiver/modeling/encoder.py, `Encoder.forward_groups`).
 
 Gradients of expert parameters: after backward, the owner holds sum over EP ranks of their
 contributions. DDP must skip these parameters (`ddp_ignored_parameter_names`); reduce them over
@@ -154,27 +154,81 @@ def run_experts_parallel(x_MI: Tensor, counts: list[int], ep: ExpertParallel, ex
     return all_to_all_rows(y_RO, send_P, recv_P, ep.group)
 
 
-class _GatherExperts(torch.autograd.Function):
-    """All-gather expert shards (El x ...) into all experts (E x ...); backward sums the
-    gradient over the group and keeps this rank's shard."""
+def local_shard(param: Tensor) -> Tensor:
+    """The local rows of an expert parameter: a DTensor's local shard (differentiable), or the
+    tensor itself (this module does not import DTensor to keep plain tensors the fast path)."""
+    to_local = getattr(type(param), "to_local", None)
+    return param.to_local() if to_local is not None else param
+
+
+def _request_matrix(needed: list[int], ep: ExpertParallel, device: torch.device) -> Tensor:
+    """want_PE[p, e] = 1 when rank p needs global expert e (all-gathered; E small ints)."""
+    want_E = torch.zeros(ep.num_experts, dtype=torch.int64, device=device)
+    if needed:
+        want_E[torch.tensor(needed, device=device)] = 1
+    parts = [torch.empty_like(want_E) for _ in range(ep.size)]
+    dist.all_gather(parts, want_E, group=ep.group)
+    return torch.stack(parts).cpu()
+
+
+class _FetchExperts(torch.autograd.Function):
+    """Rows of the experts `needed` (sorted global ids) from their owners -> [U, ...].
+
+    Forward: every rank announces the experts it needs, each owner sends exactly those rows
+    (variable-size all-to-all, rows grouped by destination). Backward sends each fetched row's
+    gradient back to its owner, which sums the requesters' contributions into its local
+    gradient; local experts nobody fetched get zeros.
+    """
 
     @staticmethod
-    def forward(ctx, local_E: Tensor, ep: ExpertParallel) -> Tensor:
-        ctx.ep = ep
-        parts = [torch.empty_like(local_E) for _ in range(ep.size)]
-        dist.all_gather(parts, local_E.contiguous(), group=ep.group)
-        return torch.cat(parts)
+    def forward(ctx, local_EX: Tensor, ep: ExpertParallel, needed: list[int]) -> Tensor:
+        comm = _comm_device(ep.group)
+        want_PE = _request_matrix(needed, ep, comm)
+        lo, hi = ep.first_expert, ep.first_expert + ep.num_local
+        # Local rows each rank asked me for, destination-major; rows I receive, owner-major
+        # (= ascending global id, since owners hold contiguous ranges).
+        send_rows = [torch.nonzero(want_PE[p, lo:hi]).flatten() for p in range(ep.size)]
+        send_P = [len(r) for r in send_rows]
+        recv_P = [int(want_PE[ep.rank, q * ep.num_local : (q + 1) * ep.num_local].sum()) for q in range(ep.size)]
+        send_index = torch.cat(send_rows).to(local_EX.device)
+        flat_EX = local_EX.reshape(local_EX.shape[0], -1)
+        out_UX = flat_EX.new_empty((sum(recv_P), flat_EX.shape[1]))
+        dist.all_to_all_single(out_UX, flat_EX.index_select(0, send_index).contiguous(), recv_P, send_P, group=ep.group)
+        ctx.ep, ctx.splits, ctx.send_index, ctx.local_shape = ep, (send_P, recv_P), send_index, local_EX.shape
+        return out_UX.view((len(needed),) + tuple(local_EX.shape[1:]))
 
     @staticmethod
-    def backward(ctx, grad_E: Tensor):
-        ep = ctx.ep
-        grad_E = grad_E.contiguous()
-        dist.all_reduce(grad_E, group=ep.group)
-        return grad_E[ep.first_expert : ep.first_expert + ep.num_local], None
+    def backward(ctx, grad_UX: Tensor):
+        send_P, recv_P = ctx.splits
+        flat_UX = grad_UX.reshape(grad_UX.shape[0], -1).contiguous()
+        back_RX = flat_UX.new_empty((sum(send_P), flat_UX.shape[1]))
+        dist.all_to_all_single(back_RX, flat_UX, send_P, recv_P, group=ctx.ep.group)
+        grad_EX = flat_UX.new_zeros((ctx.local_shape[0], flat_UX.shape[1]))
+        grad_EX.index_add_(0, ctx.send_index, back_RX)
+        return grad_EX.view(ctx.local_shape), None, None
 
 
-def gather_experts(local_E: Tensor, ep: ExpertParallel) -> Tensor:
-    return local_E if not ep.enabled else _GatherExperts.apply(local_E, ep)
+def fetch_experts(local_EX: Tensor, ep: ExpertParallel, needed: list[int]) -> Tensor:
+    """Experts `needed` (sorted global ids) as [len(needed), ...], fetched from their owners."""
+    if not ep.enabled:
+        return local_EX[needed]
+    return _FetchExperts.apply(local_EX, ep, needed)
+
+
+def expert_fetch_bytes(needed_per_rank: list[list[int]], ep_size: int, num_experts: int, row_bytes: int) -> int:
+    """Bytes crossing ranks (forward; the gradients return the same amount) when every rank
+    fetches the experts it needs: rows whose owner is another rank."""
+    per_owner = num_experts // ep_size
+    return sum(row_bytes for r, needed in enumerate(needed_per_rank) for e in needed if e // per_owner != r)
+
+
+def token_exchange_bytes(counts_per_rank: list[list[int]], ep_size: int, in_bytes: int, out_bytes: int) -> int:
+    """Bytes crossing ranks (forward) when rank r sends counts_per_rank[r][e] token slots to
+    expert e's owner and gets the outputs back (in_bytes per row out, out_bytes per row back)."""
+    num_experts = len(counts_per_rank[0])
+    per_owner = num_experts // ep_size
+    return sum((in_bytes + out_bytes) * c for r, counts in enumerate(counts_per_rank)
+               for e, c in enumerate(counts) if e // per_owner != r)
 
 
 # --- data-parallel helpers --------------------------------------------------------------------

@@ -46,6 +46,11 @@ class RoutingContext:
     # once per generation instead of once per token. Pass a fresh dict per generation (and per
     # weight update); ignored while autograd records.
     merged_cache: dict | None = None
+    # Several sequences laid out as one row of tokens (B = 1, a joint call over sequence groups):
+    # the sequence number of every token, and how many sequences there are. Routers that look
+    # at a whole sequence (the context router's pooling) pool per sequence, not over the row.
+    sequence_ids_T: Tensor | None = None
+    num_sequences: int = 0
 
     def __post_init__(self) -> None:
         if not self.segment_starts or self.segment_starts[0] != 0:
@@ -80,8 +85,33 @@ class RoutingContext:
         return seg_L
 
 
+class Decision:
+    """What every routing decision offers, whatever its kind (segment or token): the chosen
+    experts and their gates per routed row (a segment or a token), the router logits the choice
+    was made on (None when not kept), the auxiliary losses and the dispatch stats (None when
+    nothing was dispatched). Consumers (logging, aux losses) use only this interface."""
+
+    losses: RouterLosses | None
+
+    @property
+    def expert_ids_NK(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def gates_NK(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def logits_NE(self) -> Tensor | None:
+        raise NotImplementedError
+
+    @property
+    def routing_stats(self) -> RoutingStats | None:
+        return None
+
+
 @dataclass
-class SegmentDecision:
+class SegmentDecision(Decision):
     """A data-independent routing decision: top-k experts and gate values per segment.
 
     `losses` holds the load-balance and z-loss over the S segment rows (weights are the
@@ -92,6 +122,18 @@ class SegmentDecision:
     gates_SK: Tensor  # fp32, sums to 1 over K when K > 1
     logits_SE: Tensor  # the (noisy, in training) router logits
     losses: RouterLosses | None = None
+
+    @property
+    def expert_ids_NK(self) -> Tensor:
+        return self.expert_ids_SK
+
+    @property
+    def gates_NK(self) -> Tensor:
+        return self.gates_SK
+
+    @property
+    def logits_NE(self) -> Tensor | None:
+        return self.logits_SE
 
 
 @dataclass
@@ -104,7 +146,7 @@ class TokenGating:
 
 
 @dataclass
-class TokenDecision:
+class TokenDecision(Decision):
     """A per-token routing decision, ready to execute and to be reused by a sibling sublayer.
 
     `plan` says which token slots each expert computes (built once, reused by qkv -> attn-out and
@@ -120,6 +162,22 @@ class TokenDecision:
     length: int
     losses: RouterLosses | None = None
     stats: RoutingStats | None = field(default=None)
+
+    @property
+    def expert_ids_NK(self) -> Tensor:
+        return self.expert_ids_TK
+
+    @property
+    def gates_NK(self) -> Tensor:
+        return self.gates_TK
+
+    @property
+    def logits_NE(self) -> Tensor | None:
+        return self.logits_TE
+
+    @property
+    def routing_stats(self) -> RoutingStats | None:
+        return self.stats
 
 
 def topk_gating(logits_XE: Tensor, top_k: int, gate_order: str) -> tuple[Tensor, Tensor]:
@@ -291,6 +349,8 @@ class ContextRouter(_TokenRouterBase):
 
     def logits(self, x_BLD: Tensor, ctx: RoutingContext) -> Tensor:
         x_BLD = self._jitter(x_BLD)
+        if ctx.sequence_ids_T is not None:
+            return self._logits_flat(x_BLD, ctx)
         batch, length, d_model = x_BLD.shape
         scores_BL = (x_BLD @ self.pool_query.float()) / d_model**0.5
         valid_T = ctx.valid_tokens_T(batch, length)
@@ -303,6 +363,25 @@ class ContextRouter(_TokenRouterBase):
         tok_BLE = F.linear(x_BLD, wg_ED[:, :d_model])
         ctx_BE = F.linear(pooled_BD, wg_ED[:, d_model:])
         return tok_BLE + ctx_BE[:, None, :]
+
+    def _logits_flat(self, x_1TD: Tensor, ctx: RoutingContext) -> Tensor:
+        """The same pooling over N sequences laid out as one row: a softmax per sequence."""
+        x_TD = x_1TD.reshape(-1, x_1TD.shape[-1])
+        d_model, n = x_TD.shape[-1], ctx.num_sequences
+        seq_T = ctx.sequence_ids_T.to(x_TD.device)
+        scores_T = (x_TD @ self.pool_query.float()) / d_model**0.5
+        valid_T = ctx.valid_tokens_T(1, x_TD.shape[0])
+        if valid_T is not None:
+            scores_T = scores_T.masked_fill(~valid_T.to(x_TD.device), float("-inf"))
+        max_N = scores_T.new_full((n,), float("-inf")).scatter_reduce(0, seq_T, scores_T, "amax")
+        exp_T = (scores_T - max_N[seq_T]).exp().nan_to_num(0.0)  # all-padding sequences -> 0
+        sum_N = exp_T.new_zeros(n).index_add(0, seq_T, exp_T)
+        weights_T = (exp_T / sum_N[seq_T]).nan_to_num(0.0)
+        pooled_ND = x_TD.new_zeros(n, d_model).index_add(0, seq_T, weights_T[:, None] * x_TD)
+        wg_ED = self.wg.weight.float()
+        tok_TE = F.linear(x_TD, wg_ED[:, :d_model])
+        ctx_NE = F.linear(pooled_ND, wg_ED[:, d_model:])
+        return (tok_TE + ctx_NE[seq_T]).view(x_1TD.shape[:-1] + (-1,))
 
 
 SEGMENT_ROUTERS: dict[str, type[_SegmentRouter]] = {

@@ -98,7 +98,7 @@ def _worker(rank, world, backend):
     ]
     if backend == "torch":
         scenarios += [
-            # different tasks per rank: merged linear experts (all-gathered weights) ...
+            # different tasks per rank: merged linear experts (chosen experts fetched) ...
             (MoEConfig(top_k=2, router="task", num_experts=4, noise="none"), unequal),
             (MoEConfig(top_k=2, router="attribute", num_experts=4, noise="none"), unequal),
             # ... and whole-FFN experts (segment decision dispatched dropless over all-to-all)

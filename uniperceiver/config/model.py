@@ -56,6 +56,15 @@ class ModelMoEConfig:
                     )
         if self.enabled and not self.sublayers:
             raise ValueError("enabled MoE needs at least one sublayer")
+        if self.enabled and self.routing.expert_type == "ffn":
+            # Whole-FFN experts replace fc1 -> act -> fc2 as one routed block (one decision);
+            # routed attention sublayers stay linear experts.
+            if not {"fc1", "fc2"} <= set(self.sublayers) or not self.share_decisions:
+                raise ValueError(
+                    "model.moe.routing.expert_type=ffn needs fc1 and fc2 in model.moe.sublayers and "
+                    f"model.moe.share_decisions=true (got sublayers={self.sublayers}, "
+                    f"share_decisions={self.share_decisions})"
+                )
 
     def layer_indices(self, num_layers: int) -> list[int]:
         if not self.enabled:

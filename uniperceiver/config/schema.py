@@ -182,6 +182,12 @@ class TrainConfig:
     # None: everything trains, except with model.prompt.enabled, where the release's list
     # (RELEASE_PROMPT_TRAINABLE) applies.
     trainable: list[str] | None = None
+    # Encode everything of a micro-step (inputs, own and distributed target sets) in ONE encoder
+    # call, so every MoE sublayer runs once per micro-step on every rank (needed by expert
+    # parallelism); false: one call per sequence batch, as before (for comparisons).
+    one_encoder_call: bool = True
+    # Experts of every MoE sublayer split over this many ranks (1 = replicated under DDP).
+    expert_parallel_size: int = 1
     tensorboard: bool = True
     # FSDP2 (fully_shard) instead of DDP: parameters, gradients and optimizer states sharded over
     # the ranks (experts placed by expert parallelism excepted); checkpoints are then
@@ -191,7 +197,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "checkpoint_every", "keep_last", "log_every", "grad_accum", "max_nonfinite"):
+        for name in ("max_steps", "checkpoint_every", "keep_last", "log_every", "grad_accum", "max_nonfinite",
+                     "expert_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fsdp and self.amp == "fp16":
@@ -251,6 +258,25 @@ class RunConfig:
             if len(self.tasks) > self.model.moe.routing.num_tasks:
                 raise ValueError(
                     f"{len(self.tasks)} tasks but model.moe.routing.num_tasks={self.model.moe.routing.num_tasks}"
+                )
+        ep = self.train.expert_parallel_size
+        if ep > 1:
+            moe = self.model.moe
+            if not moe.enabled:
+                raise ValueError(f"train.expert_parallel_size={ep} needs an MoE model (model.moe.enabled=true)")
+            if moe.routing.num_experts % ep:
+                raise ValueError(
+                    f"train.expert_parallel_size={ep} must divide model.moe.routing.num_experts={moe.routing.num_experts}"
+                )
+            if self.model.prompt.enabled and self.model.prompt.deep:
+                raise ValueError(
+                    f"train.expert_parallel_size={ep} does not combine with deep prompts (model.prompt.deep): "
+                    "their split qkv path encodes each sequence batch separately"
+                )
+            if not self.train.one_encoder_call:
+                raise ValueError(
+                    f"train.expert_parallel_size={ep} needs train.one_encoder_call=true (ranks must run every "
+                    "MoE sublayer the same number of times per step)"
                 )
 
     def resolved_data_root(self) -> str:

@@ -15,22 +15,21 @@ from typing import Any
 
 import torch
 
+from moe import Decision
+
 from .. import distributed as du
 from ..config.schema import TrainConfig
 
 log = logging.getLogger("uniperceiver.train")
 
 
-def moe_stats(decisions: list) -> dict[str, float]:
+def moe_stats(decisions: list[tuple[str, Decision]]) -> dict[str, float]:
     """Per routed sublayer: share of gate mass per expert, mean gate entropy, and for token
     routing the drop rate and imbalance of its dispatch."""
     stats: dict[str, float] = {}
     for name, decision in decisions:
-        ids = getattr(decision, "expert_ids_SK", None)
-        if ids is None:  # token / context routing
-            ids, gates, logits = decision.expert_ids_TK, decision.gates_TK, getattr(decision, "logits_TE", None)
-        else:
-            gates, logits = decision.gates_SK, decision.logits_SE
+        # One interface for segment and token decisions (moe.Decision).
+        ids, gates, logits = decision.expert_ids_NK, decision.gates_NK, decision.logits_NE
         ids, gates = ids.detach().cpu().reshape(-1), gates.detach().float().cpu().reshape(-1)
         num_experts = logits.shape[-1] if logits is not None else int(ids.max()) + 1
         load = torch.zeros(num_experts).index_add_(0, ids, gates)
@@ -40,7 +39,7 @@ def moe_stats(decisions: list) -> dict[str, float]:
         if logits is not None:
             p = torch.softmax(logits.detach().float().cpu(), -1)
             stats[f"moe/{name}/gate_entropy"] = float(-(p * p.clamp_min(1e-9).log()).sum(-1).mean())
-        routing = getattr(decision, "stats", None)
+        routing = decision.routing_stats
         if routing is not None:
             stats[f"moe/{name}/drop_rate"] = routing.drop_rate
             stats[f"moe/{name}/imbalance"] = routing.imbalance

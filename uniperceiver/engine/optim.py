@@ -26,7 +26,7 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, foreach: bool | None = None) -> torch.optim.AdamW:
     no_decay = _no_decay_names(model)
     decay, plain = [], []
     for name, p in model.named_parameters():
@@ -35,9 +35,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         (plain if name in no_decay else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     # On CUDA, the fused kernel: one launch for every parameter's update (fp32 master weights,
-    # the same AdamW math); elsewhere torch's default implementation, as before.
-    fused = bool(decay or plain) and all(p.is_cuda for p in decay + plain)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    # the same AdamW math); elsewhere torch's default implementation, as before. foreach=False
+    # (expert-parallel DTensor shards next to plain tensors): the per-parameter update.
+    fused = bool(decay or plain) and all(p.is_cuda for p in decay + plain) and foreach is not False
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
+                             foreach=None if fused else foreach)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -40,6 +40,18 @@ from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .flops import encoder_flops, peak_flops
 from .logger import TrainLogger
 from .optim import build_optimizer, build_scheduler
+from .parallelize import (
+    build_device_mesh,
+    check_expert_parallel_size,
+    clip_grad_norm,
+    finish_expert_gradients,
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    load_full_model_state_dict,
+    load_full_optimizer_state_dict,
+    shard_experts,
+    wrap_ddp,
+)
 from .sampler import StreamBatchSampler, TaskSampler, TaskStream, mix_seed
 
 log = logging.getLogger("uniperceiver.train")
@@ -60,36 +72,73 @@ def loss_scale_growth_interval(step: int, scale: float) -> int:
     return interval if step > after and scale < below else LOSS_SCALE_WINDOW
 
 
-def encode_target_set(model: UniPerceiver, target_set: TargetSet, sliced: bool) -> Tensor:
-    """Features [N, D] of a target set. `sliced`: each rank encodes ceil(N/world) entries
-    (padded with copies of entry 0) and the slices are joined with a differentiable all-gather,
-    then truncated to N (OFFICIAL.md 3.3)."""
+def _local_targets(target_set: TargetSet, sliced: bool) -> TargetSet:
+    """The entries of a target set this rank encodes: all of them, or (sliced, several ranks)
+    ceil(N/world) of them, the last slice padded with copies of entry 0 (OFFICIAL.md 3.3)."""
     world = du.world_size()
     if not sliced or world == 1:
-        return model.encode_targets(target_set)
-    n = len(target_set)
-    per_rank = math.ceil(n / world)
+        return target_set
+    per_rank = math.ceil(len(target_set) / world)
     start = du.rank() * per_rank
     index = torch.arange(start, start + per_rank)
-    index[index >= n] = 0  # the last slice is padded with copies of entry 0
-    local = TargetSet(target_set.name, target_set.ids_NL[index],
-                      None if target_set.padding_mask_NL is None else target_set.padding_mask_NL[index],
-                      target_set.attributes_SA, target_set.task_id)
-    feats = model.encode_targets(local)
-    gathered = torch.distributed.nn.functional.all_gather(feats)
-    return torch.cat(gathered, dim=0)[:n]
+    index[index >= len(target_set)] = 0
+    return TargetSet(target_set.name, target_set.ids_NL[index],
+                     None if target_set.padding_mask_NL is None else target_set.padding_mask_NL[index],
+                     target_set.attributes_SA, target_set.task_id)
+
+
+def _join_slices(feats: Tensor, n: int, sliced: bool) -> Tensor:
+    """Every rank's slice features joined with a differentiable all-gather, truncated to N."""
+    if not sliced or du.world_size() == 1:
+        return feats
+    return torch.cat(torch.distributed.nn.functional.all_gather(feats), dim=0)[:n]
+
+
+def encode_target_set(model: UniPerceiver, target_set: TargetSet, sliced: bool) -> Tensor:
+    """Features [N, D] of a target set (sliced: each rank encodes its slice, see
+    `_local_targets`, and the slices are all-gathered)."""
+    feats = model.encode_targets(_local_targets(target_set, sliced))
+    return _join_slices(feats, len(target_set), sliced)
+
+
+class PreEncoded:
+    """The model as a task sees it when the micro-step's sequences are already encoded (one
+    joint call): `encode(seq)` returns that sequence's output, anything else is the model's.
+    A task asking for a sequence that was not in the joint call is an error, never a second
+    encoder call (ranks must run every MoE sublayer the same number of times)."""
+
+    def __init__(self, model: UniPerceiver, encoded: list[tuple[Any, Any]]) -> None:
+        self._model, self._encoded = model, encoded
+
+    def encode(self, seq, **kwargs):
+        for known, out in self._encoded:
+            if known is seq and not kwargs.get("keep_kv") and kwargs.get("temporal_offsets") is None:
+                return out
+        raise RuntimeError("a task encoded a sequence outside the micro-step's joint encoder call")
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
 
 
 class TrainStep(nn.Module):
-    """Model + task loss as one module, so DDP sees a forward per iteration."""
+    """Model + task loss as one module, so DDP sees a forward per iteration.
 
-    def __init__(self, model: UniPerceiver) -> None:
+    `one_encoder_call`: the task's input (and target caption) sequences, its own target set and
+    this rank's slice of every distributed target set go through the encoder in ONE call
+    (`UniPerceiver.encode_many`); otherwise each is encoded separately (the former behaviour).
+    """
+
+    def __init__(self, model: UniPerceiver, one_encoder_call: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.one_encoder_call = one_encoder_call
 
     def forward(self, batch: TaskBatch, target_sets: dict[str, TargetSet], sliced: set[str]) -> tuple[Tensor, TaskOutput]:
-        feats = {name: encode_target_set(self.model, ts, name in sliced) for name, ts in target_sets.items()}
-        out = run_task(self.model, batch, feats)
+        if self.one_encoder_call:
+            feats, out = self._joint(batch, target_sets, sliced)
+        else:
+            feats = {name: encode_target_set(self.model, ts, name in sliced) for name, ts in target_sets.items()}
+            out = run_task(self.model, batch, feats)
         routing = self.model.cfg.moe.routing
         if routing.load_balance_weight or routing.z_loss_weight:
             # Router aux losses come back with the decisions (never from module globals).
@@ -104,7 +153,22 @@ class TrainStep(nn.Module):
             loss = loss + 0.0 * torch.stack(unused).sum()
         return loss, out
 
-
+    def _joint(self, batch: TaskBatch, target_sets: dict[str, TargetSet], sliced: set[str]
+               ) -> tuple[dict[str, Tensor], TaskOutput]:
+        names = sorted(target_sets)
+        local = {n: _local_targets(target_sets[n], n in sliced) for n in names}
+        task_seqs = [batch.inputs] + ([batch.targets] if batch.targets is not None else [])
+        seqs = [local[n].slice(0, len(local[n])) for n in names] + task_seqs
+        joint = self.model.encode_many(seqs)
+        feats = {}
+        for n, enc in zip(names, joint.outputs):
+            own = self.model.features(enc.hidden_BLD[:, 0])
+            feats[n] = _join_slices(own, len(target_sets[n]), n in sliced)
+        task_view = PreEncoded(self.model, list(zip(task_seqs, joint.outputs[len(names):])))
+        out = run_task(task_view, batch, feats)  # type: ignore[arg-type]
+        out.decisions = joint.decisions  # the whole call's decisions, every routed sublayer once
+        out.extras["segment_tokens"] = torch.tensor(joint.segment_tokens)  # for parallelize.exchange_bytes
+        return feats, out
 @dataclass
 class _TaskData:
     cfg: TaskConfig
@@ -141,6 +205,15 @@ class Trainer:
         self.trainable = apply_trainable(self.model, trainable_substrings(cfg.model, tcfg.trainable))
         self.model.encoder.activation_checkpointing = tcfg.activation_checkpointing
         self.model.to(self.device)
+        # Expert parallelism: every rank built all experts from the same seed and keeps its
+        # shard (engine/parallelize.py: the ("dp", "ep") mesh, DTensor expert parameters).
+        moe = cfg.model.moe
+        check_expert_parallel_size(self.world, tcfg.expert_parallel_size,
+                                   moe.routing.num_experts if moe.enabled else None)
+        self.mesh = None
+        if tcfg.expert_parallel_size > 1:
+            self.mesh = build_device_mesh(self.world, tcfg.expert_parallel_size, device_type)
+            shard_experts(self.model, self.mesh)
         if tcfg.compile:
             for layer in self.model.encoder.layers:
                 layer.compile()
@@ -158,18 +231,22 @@ class Trainer:
         self.tasks = self._build_tasks()
         self.sampler = TaskSampler([t.cfg.sampling_weight for t in self.tasks], cfg.seed, self.rank, tcfg.sampling)
 
-        self.step_module = TrainStep(self.model)
+        self.step_module = TrainStep(self.model, tcfg.one_encoder_call)
         # Sharded runs (FSDP; expert parallelism) write distributed checkpoints (engine/dcp.py).
-        self.sharded = tcfg.fsdp
+        self.sharded = tcfg.fsdp or self.mesh is not None
         self.fsdp_root: nn.Module | None = None
+        device_ids = [self.device.index] if device_type == "cuda" else None
         if tcfg.fsdp and self.world > 1:
             self.fsdp_root = self.ddp = fsdp_lib.wrap_train_step(self.step_module, self.model, device_type, tcfg.amp)
+        elif self.mesh is not None:
+            self.ddp: nn.Module = wrap_ddp(self.step_module, device_ids)  # skips the expert shards
         elif self.world > 1:
-            self.ddp: nn.Module = DDP(self.step_module, device_ids=[self.device.index] if device_type == "cuda" else None,
-                                      find_unused_parameters=True)
+            self.ddp = DDP(self.step_module, device_ids=device_ids, find_unused_parameters=True)
         else:
             self.ddp = self.step_module
-        self.optimizer = build_optimizer(self.model, tcfg.optim)
+        # DTensor expert shards next to plain tensors: the per-parameter update (foreach kernels
+        # take one tensor type per call).
+        self.optimizer = build_optimizer(self.model, tcfg.optim, foreach=False if self.mesh is not None else None)
         self.scheduler = build_scheduler(self.optimizer, tcfg.optim, tcfg.max_steps)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp)
         self.scaler = torch.amp.GradScaler(device_type, init_scale=LOSS_SCALE_INIT, growth_interval=LOSS_SCALE_WINDOW,
@@ -183,10 +260,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _count_encoder_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.is_grad_enabled():  # training calls (targets included); not evaluation
-            x_BLD = args[0] if args else kwargs["x_BLD"]
-            ctx = args[1] if len(args) > 1 else kwargs.get("ctx")
-            self.encoder_calls.append((x_BLD.shape[0], x_BLD.shape[1], getattr(ctx, "num_segments", 1)))
+        if not torch.is_grad_enabled():  # training calls (targets included); not evaluation
+            return
+        if kwargs.get("groups") is not None:  # one joint call: attention per group
+            for g in kwargs["groups"]:
+                self.encoder_calls.append((g.x_BLD.shape[0], g.x_BLD.shape[1], g.ctx.num_segments))
+            return
+        x_BLD = args[0] if args else kwargs["x_BLD"]
+        ctx = args[1] if len(args) > 1 else kwargs.get("ctx")
+        self.encoder_calls.append((x_BLD.shape[0], x_BLD.shape[1], getattr(ctx, "num_segments", 1)))
 
     def _seed_rank_rngs(self) -> None:
         seed = mix_seed(self.cfg.seed, 0x12A4, self.rank)
@@ -239,8 +321,10 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         rng = self._rng_state()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # Expert shards are gathered: the file has the replicated layout whatever the EP size.
+            "model": full_model_state_dict(self.model) if self.mesh is not None else self.model.state_dict(),
+            "optimizer": (full_optimizer_state_dict(self.optimizer) if self.mesh is not None
+                          else self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -275,8 +359,12 @@ class Trainer:
             raise dcp.DcpCheckpointError(
                 f"{path}: a replicated run's checkpoint cannot resume a train.fsdp=true run; resume it with "
                 "train.fsdp=false, or start from its weights with train.init_from")
-        load_state_dict_strict(self.model, state["model"], source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.mesh is not None:
+            load_state_dict_strict(self.model, state["model"], source=str(path), load=load_full_model_state_dict)
+            load_full_optimizer_state_dict(self.optimizer, state["optimizer"])
+        else:
+            load_state_dict_strict(self.model, state["model"], source=str(path))
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -368,12 +456,16 @@ class Trainer:
             micro_logs.append((task.cfg.name, float(loss.detach()), metrics, out.decisions, batch.inputs.batch_size))
 
         lr = self.optimizer.param_groups[0]["lr"]
+        if self.mesh is not None:
+            finish_expert_gradients(self.model, self.mesh)  # zero-filled, reduced over "dp"
         self.scaler.unscale_(self.optimizer)
         clip = tcfg.optim.clip_grad if tcfg.optim.clip_grad is not None else float("inf")
         if self.fsdp_root is not None:
             fsdp_lib.reduce_replicated_grads(fsdp_lib.replicated_parameters(self.model))
             fsdp_lib.drop_globally_unused_grads(fsdp_lib.fsdp_parameters(self.model))
             grad_norm = fsdp_lib.clip_grad_norm_(self.model.parameters(), clip)
+        elif self.mesh is not None:
+            grad_norm = clip_grad_norm(self.model.parameters(), clip, self.mesh)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         # Gradients are averaged over ranks already, so every rank takes the same decision here.

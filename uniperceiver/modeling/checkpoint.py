@@ -164,7 +164,7 @@ def eval_settings(model: nn.Module) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- loading
 def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: str,
-                           allow_missing: Callable[[str], bool] | None = None) -> None:
+                           allow_missing: Callable[[str], bool] | None = None, load=None) -> None:
     """load_state_dict that names every missing, unexpected and mis-shaped key. Keys for which
     `allow_missing(key)` is true may be absent (they keep the model's values)."""
     own = model.state_dict()
@@ -184,7 +184,10 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: s
                 if len(items) > 50:
                     lines.append(f"    ... and {len(items) - 50} more")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=allow_missing is None)
+    if load is not None:  # e.g. expert shards take their rows (engine/parallelize.py)
+        load(model, state)
+    else:
+        model.load_state_dict(state, strict=allow_missing is None)
 
 
 def _size_hint(saved: dict[str, Any] | None, built: ModelConfig) -> str:

@@ -57,15 +57,21 @@ class Embeddings(nn.Module):
             "spatial_pos", sincos_2d_table(cfg.grid_size, d, cfg.posembed_scale), persistent=False
         )
 
-    def spe(self, batch_size: int) -> Tensor:
+    # `normalize=False` returns the tokens before the shared LayerNorm, so a caller embedding
+    # several sequences can normalise all their tokens in one call.
+
+    def spe(self, batch_size: int, normalize: bool = True) -> Tensor:
         """[SPE] = LN(E_word[<|spe|>]) with no position or type embedding -> [B, 1, D]."""
-        word_D = self.word.weight[SPE_ID]
+        spe_D = self.word.weight[SPE_ID]
         if self.s_token_bias is not None:
-            word_D = word_D + self.s_token_bias[0]
-        spe_D = self.norm(word_D)
+            spe_D = spe_D + self.s_token_bias[0]
+        if normalize:
+            spe_D = self.norm(spe_D)
         return spe_D.expand(batch_size, 1, -1)
 
-    def text(self, ids_BL: Tensor, positions: Tensor | None = None, check_positions: bool = True) -> Tensor:
+    def text(
+        self, ids_BL: Tensor, positions: Tensor | None = None, check_positions: bool = True, normalize: bool = True
+    ) -> Tensor:
         """LN(word + learned position + type 0); positions restart at 0 in every segment.
         `check_positions=False`: the caller has checked them (the static decoding step, which
         must not read a device value on the host)."""
@@ -79,9 +85,9 @@ class Embeddings(nn.Module):
         if self.s_token_bias is not None:
             word_BLD = torch.where((ids_BL == SPE_ID)[..., None], word_BLD + self.s_token_bias[0], word_BLD)
         x_BLD = word_BLD + self.text_pos(positions) + self.text_type.weight[0]
-        return self.norm(x_BLD)
+        return self.norm(x_BLD) if normalize else x_BLD
 
-    def visual(self, pixels_BTCHW: Tensor, temporal_offset: int | None = None) -> Tensor:
+    def visual(self, pixels_BTCHW: Tensor, temporal_offset: int | None = None, normalize: bool = True) -> Tensor:
         """Patchify every frame; tokens are frame-major, row-major inside a frame -> [B, T*P, D].
 
         In training the temporal ids are shifted by a random offset in [0, max_frames - T]
@@ -106,5 +112,6 @@ class Embeddings(nn.Module):
         x_BTPD = x_BTPD + self.spatial_pos[None, None] + self.temporal_pos(frame_ids_T)[None, :, None]
         if self.visual_type is not None:
             x_BTPD = x_BTPD + self.visual_type.weight[0]
-        return self.norm(x_BTPD.reshape(b, t * grid_h * grid_w, -1))
+        x_BLD = x_BTPD.reshape(b, t * grid_h * grid_w, -1)
+        return self.norm(x_BLD) if normalize else x_BLD
 

@@ -6,6 +6,7 @@ S routing segments, H heads, M cached key/value length.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -16,10 +17,20 @@ from moe import RoutingContext
 from ..config.model import ModelConfig
 from .batch import Sequence, TargetSet
 from .embeddings import Embeddings
-from .encoder import Encoder, EncoderOutput, LayerCache, init_weights_like_release
+from .encoder import Decision, Encoder, EncoderOutput, LayerCache, SequenceGroup, init_weights_like_release
 from .predictor import Predictor
 
 CHECKPOINT_FORMAT = "uniperceiver-moe/v1"
+
+
+@dataclass
+class JointEncoding:
+    """What one joint encoder call returns: per sequence its hidden states (their `decisions`
+    are empty), and the routing decisions of the call (every routed sublayer once)."""
+
+    outputs: list[EncoderOutput]
+    decisions: list[tuple[str, Decision]]
+    segment_tokens: list[int]  # tokens of every routing segment of the call, in order
 
 
 class UniPerceiver(nn.Module):
@@ -38,21 +49,23 @@ class UniPerceiver(nn.Module):
 
     # ----------------------------------------------------------------------------- sequences
     def embed_sequence(
-        self, seq: Sequence, temporal_offsets: list[int] | None = None
+        self, seq: Sequence, temporal_offsets: list[int] | None = None, normalize: bool = True
     ) -> tuple[Tensor, Tensor | None, list[int]]:
         """`[SPE] + segments` -> tokens [B, L, D], key padding [B, L] (True = pad, None when
-        nothing is padded) and the length of every piece ([SPE] first)."""
+        nothing is padded) and the length of every piece ([SPE] first). `normalize=False`:
+        before the embeddings' shared LayerNorm (applied per token, so a joint call applies
+        it once to every sequence's tokens)."""
         b = seq.batch_size
-        pieces, pads, lengths = [self.embed.spe(b)], [], [1]
+        pieces, pads, lengths = [self.embed.spe(b, normalize)], [], [1]
         visual_calls = 0
         for seg in seq.segments:
             if seg.modality == "text":
-                x = self.embed.text(seg.data, seg.positions)
+                x = self.embed.text(seg.data, seg.positions, normalize=normalize)
                 pad = seg.padding_mask
             else:
                 offset = None if temporal_offsets is None else temporal_offsets[visual_calls]
                 visual_calls += 1
-                x = self.embed.visual(seg.data, offset)
+                x = self.embed.visual(seg.data, offset, normalize=normalize)
                 pad = None
             pieces.append(x)
             pads.append(pad)
@@ -127,6 +140,34 @@ class UniPerceiver(nn.Module):
         ctx.padding_mask_BL = pad_BL  # token/context routers neither route nor count padding
         allowed = self.attention_mask(seq, pad_BL, lengths)
         return self.encoder(x_BLD, ctx, allowed, keep_kv=keep_kv, role=seq.role)
+
+    def encode_many(
+        self, seqs: list[Sequence], temporal_offsets: list[list[int] | None] | None = None
+    ) -> JointEncoding:
+        """Encode several sequence batches in ONE encoder call (each keeps its own length and
+        attention mask; the embedding norm, layer norms and every MoE/FFN sublayer run once over
+        all their tokens). Equals `encode` per sequence up to float rounding (token routers
+        with a capacity budget it over the joint tokens)."""
+        groups, sizes = [], []
+        offsets = temporal_offsets or [None] * len(seqs)
+        for seq, offset in zip(seqs, offsets):
+            x_BLD, pad_BL, lengths = self.embed_sequence(seq, offset, normalize=False)
+            ctx = self.routing_context(seq, lengths)
+            ctx.padding_mask_BL = pad_BL
+            groups.append(SequenceGroup(x_BLD, ctx, self.attention_mask(seq, pad_BL, lengths), role=seq.role))
+            sizes.append(x_BLD.shape[0] * x_BLD.shape[1])
+        # The embeddings' LayerNorm once over every token of every sequence.
+        raw_TD = torch.cat([g.x_BLD.reshape(-1, g.x_BLD.shape[-1]) for g in groups])
+        normed = self.embed.norm(raw_TD).split(sizes)
+        for g, x_TD in zip(groups, normed):
+            g.x_BLD = x_TD.view(g.x_BLD.shape)
+        hidden, decisions, _ = self.encoder(groups=groups)
+        segment_tokens = [
+            g.x_BLD.shape[0] * (hi - lo)
+            for g in groups
+            for lo, hi in zip(g.ctx.segment_starts, list(g.ctx.segment_starts[1:]) + [g.x_BLD.shape[1]])
+        ]
+        return JointEncoding([EncoderOutput(h) for h in hidden], decisions, segment_tokens)
 
     # ----------------------------------------------------------------------------- features
     def features(self, hidden_XD: Tensor) -> Tensor:

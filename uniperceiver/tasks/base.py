@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from moe import SegmentDecision
+from moe import Decision
 
 
 @dataclass
@@ -18,7 +18,7 @@ class TaskOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
-    decisions: list[tuple[str, SegmentDecision]] = field(default_factory=list)
+    decisions: list[tuple[str, Decision]] = field(default_factory=list)
 
     @property
     def loss(self) -> Tensor:

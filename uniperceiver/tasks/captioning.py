@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe import SegmentDecision
+from moe import Decision
 
 from ..evaluation.caption_metrics import SCORERS, caption_metrics, check_caption_tools
 from ..evaluation.evaluators import EvalInputError, Evaluator, TaskResult, jsonable
@@ -85,7 +85,7 @@ class BeamSearchOutput:
     ids_BT: Tensor  # best beam's words (EOT-padded after the end)
     logprobs_BT: Tensor  # log-probability of each chosen word (0 after EOT)
     # routed MoE decisions of every encoder call, in call order (prefix, then query/word steps)
-    decisions: list[list[tuple[str, SegmentDecision]]] = field(default_factory=list)
+    decisions: list[list[tuple[str, Decision]]] = field(default_factory=list)
     # every beam, best first: token ids [B, K, T] and per-word log-probabilities [B, K, T]
     beam_ids_BKT: Tensor | None = None
     beam_logprobs_BKT: Tensor | None = None
