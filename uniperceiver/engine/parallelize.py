@@ -52,6 +52,8 @@ from torch.distributed.tensor import DTensor, Shard
 from moe import Decision, MoELinear, SegmentDecision
 from moe.parallel import ExpertParallel, ddp_ignored_parameter_names, expert_modules, expert_parameters
 
+from ..config import ConfigError
+
 __all__ = [
     "build_device_mesh",
     "check_expert_parallel_size",
@@ -68,20 +70,20 @@ __all__ = [
 
 
 def check_expert_parallel_size(world_size: int, ep_size: int, num_experts: int | None) -> None:
-    """ValueError naming `train.expert_parallel_size` unless it divides the world and E."""
+    """ConfigError (exit code 2 in train) naming `train.expert_parallel_size` unless it divides the world and E."""
     if ep_size < 1:
-        raise ValueError(f"train.expert_parallel_size must be >= 1, got {ep_size}")
+        raise ConfigError(f"train.expert_parallel_size must be >= 1, got {ep_size}")
     if world_size % ep_size:
-        raise ValueError(
+        raise ConfigError(
             f"train.expert_parallel_size={ep_size} must divide the world size {world_size}"
         )
     if ep_size > 1:
         if num_experts is None:
-            raise ValueError(
+            raise ConfigError(
                 f"train.expert_parallel_size={ep_size} needs an MoE model (model.moe.enabled=true)"
             )
         if num_experts % ep_size:
-            raise ValueError(
+            raise ConfigError(
                 f"train.expert_parallel_size={ep_size} must divide "
                 f"model.moe.routing.num_experts={num_experts}"
             )
@@ -91,7 +93,7 @@ def build_device_mesh(world_size: int, ep_size: int, device_type: str) -> Device
     """The ("dp", "ep") mesh of shape (world_size // ep_size, ep_size); collective (every rank
     calls it). Needs an initialised default process group of `world_size` ranks."""
     if ep_size < 1 or world_size % ep_size:
-        raise ValueError(f"train.expert_parallel_size={ep_size} must divide the world size {world_size}")
+        raise ConfigError(f"train.expert_parallel_size={ep_size} must divide the world size {world_size}")
     if dist.is_initialized() and dist.get_world_size() != world_size:
         raise ValueError(f"world_size={world_size} but the process group has {dist.get_world_size()} ranks")
     return init_device_mesh(device_type, (world_size // ep_size, ep_size), mesh_dim_names=("dp", "ep"))

@@ -232,6 +232,7 @@ class Trainer:
         self.sampler = TaskSampler([t.cfg.sampling_weight for t in self.tasks], cfg.seed, self.rank, tcfg.sampling)
 
         self.step_module = TrainStep(self.model, tcfg.one_encoder_call)
+        self.model.encoder.one_call_per_step = tcfg.one_encoder_call
         # Sharded runs (FSDP; expert parallelism) write distributed checkpoints (engine/dcp.py).
         self.sharded = tcfg.fsdp or self.mesh is not None
         self.fsdp_root: nn.Module | None = None

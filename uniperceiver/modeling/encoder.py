@@ -380,6 +380,9 @@ class Encoder(nn.Module):
         )
         # Recompute each layer's activations in backward instead of storing them (training only).
         self.activation_checkpointing = False
+        # Set by the trainer when every micro-step encodes in ONE call (train.one_encoder_call):
+        # then every layer runs exactly once per micro-step, which FSDP's per-layer groups need.
+        self.one_call_per_step = False
 
     def forward(
         self,
