@@ -85,15 +85,18 @@ def test_train_compile_key_is_validated(tmp_path):
 
 def test_encoder_layer_compiles_as_one_graph_in_training():
     """What `train.compile=true` compiles: one MoE encoder layer, forward and backward, no break."""
-    from uniperceiver.modeling.encoder import EncoderLayer
+    from uniperceiver.modeling.encoder import EncoderLayer, SequenceGroup, TokenLayout
 
     torch.manual_seed(0)
     layer = EncoderLayer(_cfg(router="attribute", noise="none"), 0, 0.0).train()
     x = torch.randn(2, 6, 32, requires_grad=True)
     ctx = RoutingContext((0, 2), attributes_SA=torch.eye(8)[:2])
+    groups = [SequenceGroup(x, ctx)]
+    layout = TokenLayout.build(groups)  # the joint row of the encoder's one call (one group here)
+    x_TD = layout.flatten(groups)
     torch._dynamo.reset()
-    y, _, _ = torch.compile(layer, fullgraph=True, backend="eager")(x, ctx, None, None, False, "l0")
-    y_ref, _, _ = layer(x, ctx, None, None, False, "l0")
+    y, _, _ = torch.compile(layer, fullgraph=True, backend="eager")(x_TD, layout, 0, False, "l0")
+    y_ref, _, _ = layer(x_TD, layout, 0, False, "l0")
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     y.sum().backward()
     assert layer.fc1.weight_EOI.grad is not None
