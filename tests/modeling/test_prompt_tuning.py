@@ -77,12 +77,14 @@ def test_deep_prompts_are_never_masked_and_absent_from_the_next_layer(monkeypatc
     monkeypatch.setattr(encoder_module.F, "scaled_dot_product_attention", spy)
     layer_inputs = []
     for layer in model.encoder.layers:
-        layer.register_forward_pre_hook(lambda mod, args: layer_inputs.append(args[0].shape[1]))
+        # A layer's input is the encoder call's joint row of tokens [B*L, D] (encoder.TokenLayout).
+        layer.register_forward_pre_hook(lambda mod, args: layer_inputs.append(args[0].shape[0]))
     seq = _caption_seq()
     with torch.no_grad():
         out = model.encode(seq)
     length = out.hidden_BLD.shape[1]
-    assert layer_inputs == [length, length]  # prompts never reach the next layer
+    tokens = out.hidden_BLD.shape[0] * length
+    assert layer_inputs == [tokens, tokens]  # prompts never reach the next layer
     for q_len, k_len, mask in seen:
         assert (q_len, k_len) == (length, length + 3)
         assert mask is not None and bool(mask[..., :3].all())  # every query sees every prompt

@@ -13,7 +13,7 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,17 @@ def encode_target_set(model: UniPerceiver, target_set: TargetSet, sliced: bool) 
     return _join_slices(feats, len(target_set), sliced)
 
 
+def _same_sequence(a, b) -> bool:
+    """The same sequence batch (the same segment tensors, routing rows and role), also when a
+    task re-wraps it (e.g. retrieval encodes its captions with role='target')."""
+    return a is b or (
+        len(a.segments) == len(b.segments)
+        and all(x is y for x, y in zip(a.segments, b.segments))
+        and a.attributes_SA is b.attributes_SA
+        and (a.task_id, a.caption_queries, a.role) == (b.task_id, b.caption_queries, b.role)
+    )
+
+
 class PreEncoded:
     """The model as a task sees it when the micro-step's sequences are already encoded (one
     joint call): `encode(seq)` returns that sequence's output, anything else is the model's.
@@ -112,7 +123,7 @@ class PreEncoded:
 
     def encode(self, seq, **kwargs):
         for known, out in self._encoded:
-            if known is seq and not kwargs.get("keep_kv") and kwargs.get("temporal_offsets") is None:
+            if _same_sequence(known, seq) and not kwargs.get("keep_kv") and kwargs.get("temporal_offsets") is None:
                 return out
         raise RuntimeError("a task encoded a sequence outside the micro-step's joint encoder call")
 
@@ -157,7 +168,8 @@ class TrainStep(nn.Module):
                ) -> tuple[dict[str, Tensor], TaskOutput]:
         names = sorted(target_sets)
         local = {n: _local_targets(target_sets[n], n in sliced) for n in names}
-        task_seqs = [batch.inputs] + ([batch.targets] if batch.targets is not None else [])
+        # Retrieval encodes its per-sample captions as targets (their own deep prompts).
+        task_seqs = [batch.inputs] + ([replace(batch.targets, role="target")] if batch.targets is not None else [])
         seqs = [local[n].slice(0, len(local[n])) for n in names] + task_seqs
         joint = self.model.encode_many(seqs)
         feats = {}
