@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from expert_throughput import git_commit, host_kind, machine_info  # noqa: E402  (shared harness bits)
 
+from uniperceiver import cli  # noqa: E402
 from uniperceiver.config import ModelConfig, from_dict, load_yaml  # noqa: E402
 from uniperceiver.modeling.attributes import task_attributes  # noqa: E402
 from uniperceiver.modeling.batch import Segment, Sequence  # noqa: E402
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         print(f"appended {len(rows)} rows to {path}")
-    return 0 if all_same else 1
+    return cli.EXIT_OK if all_same else cli.EXIT_FAILED  # the two decoders disagree
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, handles_help=True))  # exit codes: 0 ok, 2 bad input, 3 failed

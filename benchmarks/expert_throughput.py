@@ -608,4 +608,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from uniperceiver import cli
+
+    sys.exit(cli.run(main, handles_help=True))  # exit codes: 0 ok, 2 bad input, 3 failed

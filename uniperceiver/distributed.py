@@ -142,3 +142,12 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def abandon() -> None:
+    """Leave the process group after an error, without the barrier of `shutdown`."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- already failing; the original error is what matters
+            pass

@@ -93,7 +93,7 @@ def test_cli_writes_a_loadable_file(tmp_path: Path, capsys):
     # a corrupt file is reported with its name
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    assert convert_main(["--from", "official", str(bad), str(dst)]) == 1
+    assert convert_main(["--from", "official", str(bad), str(dst)]) == 2  # bad input (the exit-code convention)
     assert "bad.pth" in capsys.readouterr().err
 
 
@@ -122,5 +122,5 @@ def test_to_official_command_round_trips(tmp_path: Path, capsys, moe):
     _same(model, restored)
     assert restored.cfg == model.cfg
     # a file that is not ours fails naming it
-    assert convert_main(["--to", "official", str(official), str(tmp_path / "x.pth")]) == 1
+    assert convert_main(["--to", "official", str(official), str(tmp_path / "x.pth")]) == 2  # bad input (the exit-code convention)
     assert "official.pth" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from ..utils.errors import BadInput
 from ..utils.resources import config_dir, find_config
 
 __all__ = [
@@ -41,7 +42,7 @@ T = TypeVar("T")
 Provenance = dict[str, str]
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, BadInput):
     """A config file, override or value is invalid; the message says where."""
 
 
@@ -169,6 +170,33 @@ def load_yaml(path: str | os.PathLike, *, provenance: Provenance | None = None) 
     return data
 
 
+def _descend(data: dict, parts: list[str], item: str, provenance: Provenance | None,
+             source: str) -> tuple[dict, str]:
+    """The mapping that holds `parts[-1]` and its key path as from_dict names it (list items by
+    index: "tasks[1]"), creating intermediate mappings. A list of named mappings is entered by
+    name: `tasks.<name>.<key>`."""
+    node, path, i = data, "", 0
+    while i < len(parts) - 1:
+        part, child = parts[i], node.get(parts[i])
+        if isinstance(child, list) and i + 2 < len(parts):
+            names = [x.get("name") if isinstance(x, dict) else None for x in child]
+            if parts[i + 1] not in names:
+                raise ConfigError(f"override '{item}': no item named {parts[i + 1]!r} in '{_join(path, part)}' "
+                                  f"(names: {', '.join(str(n) for n in names if n is not None) or 'none'})")
+            index = names.index(parts[i + 1])
+            path, node, i = f"{_join(path, part)}[{index}]", child[index], i + 2
+            continue
+        path = _join(path, part)
+        if child is None:
+            node[part] = {}
+            if provenance is not None:
+                provenance[path] = source
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{path}' is a {type(child).__name__}, not a mapping")
+        node, i = node[part], i + 1
+    return node, path
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *,
                     provenance: Provenance | None = None) -> dict:
     """Return a copy of `data` with each ``a.b.c=value`` applied (value parsed as YAML).
@@ -186,21 +214,13 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str], *,
         except yaml.YAMLError as e:
             raise ConfigError(f"cannot parse the value of override '{item}'{_yaml_problem(e)}") from None
         source = f"command-line override '{item}'"
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            path = ".".join(parts[: i + 1])
-            if node.get(part) is None:
-                node[part] = {}
-                if provenance is not None:
-                    provenance[path] = source
-            elif not isinstance(node[part], dict):
-                raise ConfigError(f"override '{item}': '{path}' is a {type(node[part]).__name__}, not a mapping")
-            node = node[part]
+        node, path = _descend(data, parts, item, provenance, source)
         node[parts[-1]] = value
         if provenance is not None:
-            for stale in [p for p in provenance if _under(p, ".".join(parts))]:
+            full = _join(path, parts[-1])
+            for stale in [p for p in provenance if _under(p, full)]:
                 del provenance[stale]
-            provenance.update(_sources(value, source, ".".join(parts)))
+            provenance.update(_sources(value, source, full))
     return data
 
 

@@ -174,7 +174,16 @@ class TrainConfig:
     # torch.compile every encoder layer (on CUDA: inductor kernels; MoE layers take their
     # static, sync-free path under compile). Compiling takes minutes on a CPU: a GPU setting.
     compile: bool = False
-    max_nonfinite: int = 10  # consecutive skipped non-finite steps before aborting
+    # Consecutive skipped non-finite steps before aborting. With fp16 only steps skipped while the
+    # loss scale is already at its floor (1.0) count: the scaler's own backoffs are not failures.
+    max_nonfinite: int = 10
+    # A collective that does not complete in this time (a peer stopped or died) ends the run with
+    # an error naming it and the step; passed to the process group, backed by a watchdog thread.
+    collective_timeout_s: float = 600.0
+    # After SIGTERM/SIGUSR1 the run saves at the end of its step and exits; if it is still running
+    # this long after the signal (blocked in a collective), it exits without saving. A second
+    # signal exits at once.
+    stop_grace_s: float = 60.0
     num_workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_from: str | None = None  # model weights to start from (a converted/saved model file)
@@ -205,6 +214,9 @@ class TrainConfig:
             raise ValueError("fsdp=true supports amp none or bf16, not fp16 (loss scaling of sharded gradients)")
         if self.trainable is not None and (not self.trainable or not all(self.trainable)):
             raise ValueError(f"trainable must be a non-empty list of non-empty substrings, got {self.trainable}")
+        for name in ("collective_timeout_s", "stop_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 @dataclass

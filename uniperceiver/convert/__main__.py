@@ -16,13 +16,19 @@ import argparse
 import shlex
 import sys
 
+from .. import cli
 from .api import convert_file
 from .export import export_official_file
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uniperceiver.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _convert(argv: list[str]) -> int:
+    from ..config import ModelConfig
+
+    keys = "\n".join(line.replace("  ", "  model.", 1) for line in cli.config_keys(ModelConfig))
+    parser = argparse.ArgumentParser(
+        prog="python -m uniperceiver.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 ok, 2 bad input (file, format, key), 3 failed. --debug: full traceback.\n\n"
+               f"Config keys it reads (--set, without the 'model.' prefix):\n{keys}")
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="fmt", choices=["official", "deepspeed", "official-dense"])
     direction.add_argument("--to", dest="to", choices=["official"], help="our model file -> an official checkpoint")
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     fold.add_argument("--fold-visual-type", dest="fold", action="store_true", default=None,
                       help="add video_embed.embeddings_type to the patch bias (default for deepspeed)")
     fold.add_argument("--no-fold-visual-type", dest="fold", action="store_false")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors exit 2 (argparse), like every bad input
     if args.to is not None:
         return _export(args.input, args.output)
     if args.consolidate:
@@ -46,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = convert_file(args.input, args.output, args.fmt, num_heads=args.num_heads,
                               overrides=args.set, fold_visual_type=args.fold)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:  # the converter's strict checks: a file that is not what --from says
+        raise cli.BadInputError(str(exc)) from exc
     print(report)
     print(f"wrote {args.output}")
     return 0
@@ -57,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 def _export(src: str, dst: str) -> int:
     try:
         back = export_official_file(src, dst)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:  # not a model file this can export
+        raise cli.BadInputError(str(exc)) from exc
     print(f"wrote {dst}")
     print("back: python -m uniperceiver.convert " + " ".join(shlex.quote(a) for a in back))
     return 0
@@ -70,12 +74,15 @@ def _consolidate(directory: str, output: str) -> int:
 
     try:
         report = consolidate(directory, output)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # not a complete distributed checkpoint
+        raise cli.BadInputError(str(exc)) from exc
     print(report)
     print(f"wrote {output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_convert, argv, handles_help=True)
 
 
 if __name__ == "__main__":

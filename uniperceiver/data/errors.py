@@ -5,8 +5,10 @@ that file and its (1-based) line number, so a bad entry in a million-line list c
 """
 from __future__ import annotations
 
+from ..utils.errors import BadInput
 
-class DataError(ValueError):
+
+class DataError(ValueError, BadInput):
     """A malformed annotation entry, or media that cannot be read.
 
     `file` is the file at fault (the annotation file for a malformed entry, the image/video for a

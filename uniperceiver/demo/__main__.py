@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, load_config
+from .. import cli
+from ..config import RunConfig, load_config
 from ..train import setup_logging
 from ..utils.resources import config_dir
 
@@ -42,18 +43,15 @@ def chance_levels(cfg: RunConfig, report) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_demo, argv, doc=__doc__, sections=("model", "tasks", "target_sets", "train", "eval", "seed"))
+
+
+def _demo(overrides: list[str]) -> int:
     setup_logging(0)
     log = logging.getLogger("uniperceiver.demo")
-    overrides = list(sys.argv[1:] if argv is None else argv)
     if not CONFIG.exists():
-        print(f"error: the demo config {CONFIG} is missing: the package was installed without its configs",
-              file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(RunConfig, str(CONFIG), ["train.output_dir=runs/demo", *overrides])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise cli.BadInputError(f"the demo config {CONFIG} is missing: the package was installed without its configs")
+    cfg = load_config(RunConfig, str(CONFIG), ["train.output_dir=runs/demo", *overrides])
     from ..engine import Trainer, list_checkpoints
     from ..engine.dcp import consolidate_model_state
     from ..evaluation.runner import evaluate
@@ -61,11 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log.info("training the tiny Uni-Perceiver-MoE on the embedded demo data (%d steps, %d tasks) -> %s",
              cfg.train.max_steps, sum(t.train_data is not None for t in cfg.tasks), cfg.train.output_dir)
-    try:
-        Trainer(cfg).train()
-    except ConfigError as exc:  # a value found bad at use, e.g. a mistyped reader option override
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    Trainer(cfg).train()  # a value found bad at use (e.g. a mistyped reader option) exits 2 via cli.run
     train_seconds = time.perf_counter() - t0
     checkpoint = list_checkpoints(cfg.train.output_dir)[-1][1]
 

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,10 +33,13 @@ from ..modeling.freezing import apply_trainable, is_prompt_only, trainable_subst
 from ..modeling.model import UniPerceiver
 from ..tasks import TaskOutput, run_task, task_spec
 from ..tokenization import ClipTokenizer
+from ..utils.errors import RunFailure
+from ..utils.io import load_checkpoint_file
 from . import dcp
 from . import fsdp as fsdp_lib
-from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .checkpoint import load_latest_checkpoint, prepare_checkpoint_dir, save_checkpoint
 from .flops import encoder_flops, peak_flops
+from .lock import OutputDirLock, OutputDirLockedError
 from .logger import TrainLogger
 from .optim import build_optimizer, build_scheduler
 from .parallelize import (
@@ -52,19 +54,31 @@ from .parallelize import (
     shard_experts,
     wrap_ddp,
 )
+from .resume import apply_optim_config, config_changes, refuse, split_changes
 from .sampler import StreamBatchSampler, TaskSampler, TaskStream, mix_seed
+from .watchdog import Watchdog
 
 log = logging.getLogger("uniperceiver.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RuntimeError, RunFailure):
     pass
+
+
+class CollectiveError(RuntimeError, RunFailure):
+    """A collective failed or timed out (a peer stopped or died); names the collective and step."""
+
+    hard_exit = True
 
 
 # fp16 loss scaling as the release (utils/misc.NativeScalerWithGradNormCount): start at 2^13 and
 # grow after 200 clean steps; past iteration 5000, while the scale is below 2048, grow after 5.
 LOSS_SCALE_INIT, LOSS_SCALE_WINDOW = 2.0**13, 200
 LOSS_SCALE_RECOVERY = (5000, 2048.0, 5)  # (after step, below scale, growth interval)
+# A skipped fp16 step counts towards train.max_nonfinite only when it was taken at this scale or
+# below: above it, an overflow is what the scaler exists to absorb (it halves and retries), at 1.0
+# the unscaled gradient itself is inf/nan.
+LOSS_SCALE_FLOOR = 1.0
 
 
 def loss_scale_growth_interval(step: int, scale: float) -> int:
@@ -181,6 +195,32 @@ class TrainStep(nn.Module):
         out.decisions = joint.decisions  # the whole call's decisions, every routed sublayer once
         out.extras["segment_tokens"] = torch.tensor(joint.segment_tokens)  # for parallelize.exchange_bytes
         return feats, out
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """torch.distributed raises DistError subclasses; some backends' timeouts still come as plain
+    RuntimeErrors that name the backend or the timeout."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in ("gloo", "Gloo", "NCCL", "Timed out", "timed out",
+                                                                     "Connection reset", "Connection closed"))
+
+
+def _forget_inherited_lock(lock_fd: int, lock_id: tuple[int, int], _worker_id: int) -> None:
+    """DataLoader worker init: a forked worker drops its copy of the output-directory lock (or a
+    kill -9 of the trainer would leave the lock held until the orphaned workers notice), and
+    stops forwarding signals to the trainer's watchdog pipe."""
+    import os
+    import signal as _signal
+
+    with contextlib.suppress(OSError, ValueError):
+        _signal.set_wakeup_fd(-1)
+    with contextlib.suppress(OSError):
+        st = os.fstat(lock_fd)
+        if (st.st_dev, st.st_ino) == lock_id:  # the inherited descriptor, not a reused number
+            os.close(lock_fd)
+
+
 @dataclass
 class _TaskData:
     cfg: TaskConfig
@@ -198,10 +238,13 @@ class Trainer:
         cfg.check_data_paths("train")  # an unset $DATA_PATH or a mistyped reader option fails here,
         check_reader_options(cfg, "train")  # before any work
         device_type = du.pick_device_type(tcfg.device)
-        self.info = du.init_distributed(device_type)
+        self.info = du.init_distributed(device_type, timeout_s=tcfg.collective_timeout_s)
         self.rank, self.world = du.rank(), du.world_size()
         self.device = du.local_device(device_type)
         self.output_dir = Path(resolve_path(tcfg.output_dir))
+        # Before anything is written there: one run per output directory.
+        self.lock = OutputDirLock(self.output_dir)
+        self._acquire_lock()
         self.data_root = cfg.resolved_data_root()
         self.tokenizer = ClipTokenizer()
 
@@ -269,9 +312,29 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self._stop_signal: int | None = None
+        self.watchdog = Watchdog(tcfg.collective_timeout_s, tcfg.stop_grace_s, self._request_stop,
+                                 watch_collectives=self.world > 1)
         self.logger = TrainLogger(self.output_dir, tcfg, self.rank == 0)
 
     # ------------------------------------------------------------------ setup
+    def _acquire_lock(self) -> None:
+        """The main rank locks the output directory; every rank learns whether it got it."""
+        problem = None
+        if self.rank == 0:
+            try:
+                self.lock.acquire()
+            except OutputDirLockedError as exc:
+                problem = str(exc)
+        problem = du.all_gather_objects(problem)[0]
+        if problem is not None:
+            raise OutputDirLockedError(problem)
+
+    def close(self) -> None:
+        """Release what the run holds (the log files, the output-directory lock, the watchdog)."""
+        self.watchdog.close()
+        self.logger.close()
+        self.lock.release()
+
     def _count_encoder_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled():  # training calls (targets included); not evaluation
             return
@@ -315,6 +378,7 @@ class Trainer:
                 # Its own generator: creating a loader must not consume the global RNG, or a
                 # resumed run (which creates loaders at another step) would drift.
                 generator=torch.Generator().manual_seed(self.cfg.seed),
+                worker_init_fn=self.lock.worker_init_fn(_forget_inherited_lock),
             )
             task.iterator = iter(loader)
         return next(task.iterator)
@@ -349,21 +413,25 @@ class Trainer:
 
     def save(self) -> None:
         if self.sharded:
-            path = dcp.save_trainer(self)
+            with self._collective("distributed checkpoint save"):
+                path = dcp.save_trainer(self)
             log.info("saved %s", path)
             return
-        state = self.state_dict()  # every rank joins the RNG gather
+        with self._collective("checkpoint: RNG all_gather_object"):
+            state = self.state_dict()  # every rank joins the RNG gather
         if self.rank == 0:
             path = save_checkpoint(state, self.output_dir, self.step, self.cfg.train.keep_last)
             log.info("saved %s", path)
-        du.barrier()
+        with self._collective("checkpoint: barrier after the write"):
+            du.barrier()
 
     def resume(self) -> bool:
         found = load_latest_checkpoint(self.output_dir)
         sharded = dcp.latest_dcp_checkpoint(self.output_dir)
         if sharded is not None and (found is None or sharded[0] >= int(found[0]["step"])):
-            dcp.resume_trainer(self, sharded[1])
-            log.info("resumed from %s at step %d", sharded[1], self.step)
+            dcp.resume_trainer(self, sharded[1])  # a model of other shapes fails here, listing the tensors
+            changed = self._config_changes(((dcp.read_marker(sharded[1]) or {}).get("config")), sharded[1])
+            self._apply_config_changes(sharded[1], changed)
             return True
         if found is None:
             return False
@@ -372,6 +440,7 @@ class Trainer:
             raise dcp.DcpCheckpointError(
                 f"{path}: a replicated run's checkpoint cannot resume a train.fsdp=true run; resume it with "
                 "train.fsdp=false, or start from its weights with train.init_from")
+        changed = self._config_changes(state.get("config"), path)
         if self.mesh is not None:
             load_state_dict_strict(self.model, state["model"], source=str(path), load=load_full_model_state_dict)
             load_full_optimizer_state_dict(self.optimizer, state["optimizer"])
@@ -387,39 +456,82 @@ class Trainer:
             self._set_rng_state(rngs[self.rank])
         else:
             log.warning("checkpoint has RNG states of %d ranks, this run has %d: reseeding", len(rngs), self.world)
-        log.info("resumed from %s at step %d", path, self.step)
+        self._apply_config_changes(path, changed)
         return True
 
-    # ------------------------------------------------------------------ the loop
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self._stop_signal = signum
+    def _config_changes(self, recorded: Any, path: Path) -> list:
+        """What differs from the checkpoint's recorded run config; refuses (exit 2, before
+        config.yaml is rewritten) settings that cannot change mid-run."""
+        if not isinstance(recorded, dict):
+            return []
+        changed, frozen = split_changes(config_changes(recorded, to_dict(self.cfg)))
+        if frozen:
+            raise refuse(frozen, str(path))
+        return changed
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            with contextlib.suppress(ValueError):  # not in the main thread
-                signal.signal(sig, request_stop)
+    def _apply_config_changes(self, path: Path, changed: list) -> None:
+        if any(c.key.startswith(("train.optim.", "train.max_steps")) for c in changed):
+            # The restored optimizer/scheduler hold the old settings; this run's config wins.
+            apply_optim_config(self.optimizer, self.scheduler, self.cfg.train.optim, self.cfg.train.max_steps)
+        log.info("resumed from %s at step %d", path, self.step)
+        if changed:
+            log.info("resumed at step %d; changed since the checkpoint: %s", self.step, ", ".join(map(str, changed)))
+
+    # ------------------------------------------------------------------ the loop
+    def _request_stop(self, signum: int) -> None:
+        self._stop_signal = signum
+
+    @contextlib.contextmanager
+    def _collective(self, label: str):
+        """A stretch that waits on every peer: watched, and a failure names it and the step."""
+        if self.world == 1:
+            yield
+            return
+        with self.watchdog.phase(label, self.step):
+            try:
+                yield
+            except RuntimeError as exc:
+                if not _is_collective_failure(exc):
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CollectiveError(
+                    f"collective '{label}' at step {self.step} failed (train.collective_timeout_s="
+                    f"{self.cfg.train.collective_timeout_s:g}; a peer stopped or died?): {first}") from exc
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
         if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            with self._collective("stop-signal all_reduce"):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return bool(flag.item())
 
     def train(self) -> dict[str, Any]:
+        self.watchdog.start()
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict[str, Any]:
         tcfg = self.cfg.train
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            prepare_checkpoint_dir(self.output_dir)  # orphan temporaries out, unreadable files aside
+        with self._collective("barrier before resume"):
+            du.barrier()
+        self.resume()  # refuses (before config.yaml is touched) when a frozen setting changed
+        if self.rank == 0:
             dump_yaml(self.cfg, self.output_dir / "config.yaml")
-        self.resume()
         # Where each task's sample stream resumes: replay this rank's task draws up to the step.
         self.stream_starts = self.sampler.counts_before(self.step * tcfg.grad_accum)
-        self._install_signal_handlers()
         self.model.train()
         result: dict[str, Any] = {"preempted": False}
         while self.step < tcfg.max_steps:
-            logs = self.train_step()
+            with self._collective("train step: DDP gradient all_reduce / target-set all_gather"):
+                logs = self.train_step()
             self.step += 1
-            self.logger.log_step(self.step, logs, logs["lr"], self.model)
+            with self._collective("metrics all_gather"):
+                self.logger.log_step(self.step, logs, logs["lr"], self.model)
             if self.step % tcfg.checkpoint_every == 0 or self.step == tcfg.max_steps:
                 self.save()
             if self._stop_requested():
@@ -428,7 +540,6 @@ class Trainer:
                 log.warning("stopping on signal %s at step %d (checkpoint saved)", self._stop_signal, self.step)
                 result["preempted"] = True
                 break
-        self.logger.close()
         result.update(step=self.step, nonfinite_total=self.nonfinite_total)
         return result
 
@@ -483,7 +594,9 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         # Gradients are averaged over ranks already, so every rank takes the same decision here.
         finite = bool(torch.isfinite(grad_norm))
+        scale = None
         if tcfg.amp == "fp16":
+            scale = self.scaler.get_scale()  # the scale this step was taken with
             self.scaler.step(self.optimizer)  # skips the update itself on inf/nan
             self.scaler.update()
             self.scaler.set_growth_interval(loss_scale_growth_interval(self.step, self.scaler.get_scale()))
@@ -493,15 +606,20 @@ class Trainer:
         if finite:
             self.nonfinite_in_a_row = 0
         else:
-            self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-            log.warning("step %d: non-finite loss/gradient (task %s), update skipped (%d in a row)",
-                        self.step, micro_logs[-1][0], self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row > tcfg.max_nonfinite and tcfg.amp != "fp16":
-                raise NonFiniteLossError(
-                    f"{self.nonfinite_in_a_row} non-finite steps in a row (limit train.max_nonfinite="
-                    f"{tcfg.max_nonfinite}); last task {micro_logs[-1][0]} at step {self.step}"
-                )
+            if scale is not None and scale > LOSS_SCALE_FLOOR:
+                log.info("step %d: fp16 overflow at loss scale %g, update skipped and the scale halved",
+                         self.step, scale)
+            else:
+                self.nonfinite_in_a_row += 1
+                at_floor = "" if scale is None else f" with the fp16 loss scale at its floor ({scale:g})"
+                log.warning("step %d: non-finite loss/gradient (task %s)%s, update skipped (%d in a row)",
+                            self.step, micro_logs[-1][0], at_floor, self.nonfinite_in_a_row)
+                if self.nonfinite_in_a_row > tcfg.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_in_a_row} non-finite steps in a row{at_floor} (limit train.max_nonfinite="
+                        f"{tcfg.max_nonfinite}); last task {micro_logs[-1][0]} at step {self.step}; "
+                        f"no checkpoint written since")
         model_flops = sum(encoder_flops(self.cfg.model, b, length, segments) for b, length, segments in self.encoder_calls)
         return {"micro": micro_logs, "grad_norm": float(grad_norm), "seconds": time.perf_counter() - t0,
                 "skipped": not finite, "lr": lr, "model_flops": model_flops, "peak_flops": self.peak_flops}

@@ -46,10 +46,12 @@ def check_caption_tools() -> None:
     import importlib.util
 
     missing = [m for m in ("pycocoevalcap", "pycocotools") if importlib.util.find_spec(m) is None]
+    from ..utils.errors import BadInputError
+
     if missing:
-        raise RuntimeError(f"caption metrics need {' and '.join(missing)}: `pip install pycocoevalcap pycocotools`")
+        raise BadInputError(f"caption metrics need {' and '.join(missing)}: `pip install pycocoevalcap pycocotools`")
     if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java (the PTB tokenizer and METEOR are Java programs): "
+        raise BadInputError("caption metrics need Java (the PTB tokenizer and METEOR are Java programs): "
                            "install a JRE so that `java` is on PATH")
 
 

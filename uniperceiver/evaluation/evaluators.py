@@ -23,12 +23,13 @@ from ..config.schema import TaskConfig
 from ..modeling.batch import TargetSet, TaskBatch
 from ..modeling.model import UniPerceiver
 from ..utils.task_registry import task_spec
+from ..utils.errors import BadInput
 from .target_features import TargetFeatures
 
 __all__ = ["EvalInputError", "Evaluator", "TaskResult", "eval_labels", "evaluator_for", "jsonable"]
 
 
-class EvalInputError(ValueError):
+class EvalInputError(ValueError, BadInput):
     """Bad evaluation input (checkpoint, target set, data); the message names the file and what
     was expected."""
 

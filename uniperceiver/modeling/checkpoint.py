@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config.model import ModelConfig
+from ..utils.errors import BadInput
 
 if TYPE_CHECKING:
     from .model import UniPerceiver
@@ -53,7 +54,7 @@ __all__ = [
 _SIZE_KEYS = ("d_model", "num_layers", "num_heads", "d_ffn")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ValueError, BadInput):
     """A checkpoint that cannot give the model asked for; the message names the file."""
 
 

@@ -305,6 +305,12 @@ def _official_loss_names(kind: str, out) -> dict[str, Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .. import cli
+
+    return cli.run(_check, argv, handles_help=True)  # 1: a quantity differs; 2: bad input
+
+
+def _check(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m uniperceiver.tools.check_official", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle")
@@ -315,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                              "set at once, as the release; smaller saves memory but changes fp32 summation order)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    bundle = torch.load(args.bundle, weights_only=True, map_location="cpu")
+    from ..utils.io import load_checkpoint_file
+
+    bundle = load_checkpoint_file(args.bundle)
     cmp = check_bundle(bundle, rtol=args.rtol, grad_chunk=args.grad_chunk)
     width = max(len(k) for k in cmp.results)
     worst = 0.0

@@ -14,7 +14,7 @@ from torch import nn
 
 from moe import MoELinear
 
-from ..config import ConfigError, RunConfig, load_config, parse_cli
+from ..config import RunConfig, load_config, parse_cli
 from ..modeling.model import UniPerceiver
 
 
@@ -37,12 +37,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int, dict[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-        cfg = load_config(RunConfig, path, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from .. import cli
+
+    return cli.run(_model_info, argv, doc=__doc__, sections=("model",))
+
+
+def _model_info(args: list[str]) -> int:
+    path, overrides = parse_cli(args)
+    cfg = load_config(RunConfig, path, overrides)
     with torch.device("meta"):
         model = UniPerceiver(cfg.model)
     total, active, per_module = count_parameters(model)
