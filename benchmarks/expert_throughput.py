@@ -152,6 +152,14 @@ def git_commit() -> str | None:
         return None
 
 
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Append result rows to a JSONL results file (results accumulate across runs)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def host_kind(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
@@ -596,10 +604,7 @@ def main(argv=None) -> int:
         print(f"# {len(rows)} rows in {time.perf_counter() - t_start:.0f}s"
               + ("" if args.no_write else f"; appended to {os.path.relpath(out_path)}"))
         if not args.no_write:
-            os.makedirs(os.path.dirname(out_path), exist_ok=True)
-            with open(out_path, "a") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            append_rows(out_path, rows)
     if dist.is_initialized():
         gc.collect()  # layers (and their reference to the group) in cycles go before the group
         dist.barrier()  # gloo aborts at exit when one rank tears down while another still talks

@@ -37,7 +37,6 @@ import contextlib
 import datetime as _dt
 import functools
 import gc
-import json
 import os
 import random
 import statistics
@@ -55,7 +54,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from expert_throughput import git_commit, host_kind, machine_info  # noqa: E402
+from expert_throughput import append_rows, git_commit, host_kind, machine_info  # noqa: E402
 
 RESULTS_DIR = str(ROOT / "benchmarks" / "results")
 
@@ -456,10 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             print(fmt(row))
         print(f"# {time.perf_counter() - t0:.0f}s" + ("" if args.no_write else f"; appended to {os.path.relpath(out_path)}"))
         if not args.no_write:
-            os.makedirs(os.path.dirname(out_path), exist_ok=True)
-            with open(out_path, "a") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            append_rows(out_path, rows)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
