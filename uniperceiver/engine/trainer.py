@@ -202,7 +202,7 @@ def _is_collective_failure(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and any(m in text for m in ("gloo", "Gloo", "NCCL", "Timed out", "timed out",
+    return isinstance(exc, RuntimeError) and any(m in text for m in ("gloo", "Gloo", "NCCL", "Timed out", "timed out", "Application timeout",
                                                                      "Connection reset", "Connection closed"))
 
 
