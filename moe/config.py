@@ -12,11 +12,12 @@ from typing import Literal
 
 import torch
 
-RouterKind = Literal["attribute", "task", "modality", "token", "context"]
-ROUTERS = ("attribute", "task", "modality", "token", "context")
+RouterKind = Literal["attribute", "task", "modality", "token", "context", "lookup"]
+ROUTERS = ("attribute", "task", "modality", "token", "context", "lookup")
 # Routers whose decision depends only on per-segment ids/attributes, never on token features:
 # every token of a segment shares one decision, so their experts can be merged (moe.merge).
-DATA_INDEPENDENT_ROUTERS = ("attribute", "task", "modality")
+# "lookup" is the parameter-free router of a per-task export: attribute row r -> expert r.
+DATA_INDEPENDENT_ROUTERS = ("attribute", "task", "modality", "lookup")
 # Routers that decide per token and therefore need token dispatch (moe.dispatch).
 TOKEN_ROUTERS = ("token", "context")
 BACKENDS = ("auto", "torch", "tutel")
@@ -38,6 +39,8 @@ class MoEConfig:
     router: RouterKind = "attribute"
     # attribute router: width of the 0/1 attribute row (OFFICIAL.md 2.5)
     attribute_dim: int = 8
+    # lookup router: the attribute row each expert serves (expert r <- row r, gate 1, top_k 1)
+    lookup_rows: list[list[float]] | None = None
     # task / modality routers: size of their id embedding tables
     num_tasks: int = 16
     num_modalities: int = 3
@@ -120,6 +123,15 @@ class MoEConfig:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.expert_type not in EXPERT_TYPES:
             raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
+        if self.router == "lookup":
+            rows = self.lookup_rows or []
+            if len(rows) != self.num_experts or any(len(r) != self.attribute_dim for r in rows):
+                raise ValueError(
+                    f"router='lookup' needs lookup_rows: num_experts={self.num_experts} rows of "
+                    f"attribute_dim={self.attribute_dim} values"
+                )
+            if self.top_k != 1:
+                raise ValueError(f"router='lookup' sends each row to one expert: top_k must be 1, got {self.top_k}")
         if self.uniform_routing and self.data_independent:
             raise ValueError(
                 f"uniform_routing=True spreads tokens over experts; router={self.router!r} "

@@ -279,6 +279,29 @@ class ModalityRouter(_IdRouter):
     kind, ids_field, count_field = "modality", "modality_ids_S", "num_modalities"
 
 
+class LookupRouter(nn.Module):
+    """No parameters: segment s goes to the expert whose `cfg.lookup_rows` entry equals its
+    attribute row, with gate 1 (what a per-task export of an attribute-routed model needs)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("rows_EA", torch.tensor(cfg.lookup_rows, dtype=torch.float32), persistent=False)
+
+    def forward(self, ctx: RoutingContext) -> SegmentDecision:
+        if ctx.attributes_SA is None:
+            raise ValueError("lookup router needs RoutingContext.attributes_SA")
+        rows_SA = ctx.attributes_SA.to(device=self.rows_EA.device, dtype=torch.float32)
+        match_SE = (rows_SA[:, None, :] == self.rows_EA[None]).all(-1)
+        if not bool(match_SE.any(-1).all()):
+            unknown = rows_SA[~match_SE.any(-1)][0].tolist()
+            raise ValueError(f"attribute row {unknown} is not one this model was exported for "
+                             f"({self.rows_EA.tolist()})")
+        expert_ids_SK = match_SE.float().argmax(-1, keepdim=True)
+        gates_SK = torch.ones(expert_ids_SK.shape, dtype=torch.float32, device=rows_SA.device)
+        return SegmentDecision(expert_ids_SK, gates_SK, match_SE.float())
+
+
 def uniform_expert_ids(num_tokens: int, cfg: MoEConfig, device: torch.device) -> Tensor:
     """Token t's k-th slot goes to expert (t*K + k) % E: a perfectly balanced assignment."""
     slots_TK = torch.arange(num_tokens * cfg.top_k, device=device).view(num_tokens, cfg.top_k)
@@ -396,6 +419,8 @@ TOKEN_ROUTER_CLASSES: dict[str, type[_TokenRouterBase]] = {
 
 
 def build_router(d_model: int, cfg: MoEConfig) -> nn.Module:
+    if cfg.router == "lookup":
+        return LookupRouter(d_model, cfg)
     if cfg.router in SEGMENT_ROUTERS:
         return SEGMENT_ROUTERS[cfg.router](d_model, cfg)
     if cfg.router in TOKEN_ROUTER_CLASSES:

@@ -3,6 +3,7 @@
     from uniperceiver.api import load_model, classify_images, rank_captions, caption_image
 
     model = load_model("base_moe.pth")                     # a converted/saved model or a training checkpoint
+    model = load_model("base_moe.pth", adapter="adapter.pt")   # + a prompt-tuning adapter of that base
     probs = classify_images(model, ["cat.jpg", "dog.jpg"], ["cat", "dog", "car"])   # [2, 3]
     scores = rank_captions(model, ["cat.jpg"], ["a cat on a sofa", "a red car"])    # [1, 2] cosine
     text = caption_image(model, "cat.jpg")                 # beam 2, max 21 tokens, length penalty 2.0
@@ -57,14 +58,17 @@ def _tokenizer() -> ClipTokenizer:
     return _TOKENIZER[0]
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> UniPerceiver:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               adapter: str | os.PathLike | None = None) -> UniPerceiver:
     """A model file (`save_pretrained`, `python -m uniperceiver.convert`), a training checkpoint
     ({'model', 'config'}) or a sharded run's checkpoint directory, in eval mode with the evaluation
-    settings (MoE layers dropless); `uniperceiver.modeling.checkpoint.load_model` reads them."""
+    settings (MoE layers dropless); `uniperceiver.modeling.checkpoint.load_model` reads them.
+    `adapter`: an adapter file trained on this base (prompt tuning), loaded on top; another
+    base's is refused."""
     from .engine.dcp import consolidate_model_state  # a sharded run's distributed checkpoint
     from .modeling.checkpoint import load_model as _load
 
-    return _load(path, device=device, read_sharded=consolidate_model_state)
+    return _load(path, device=device, read_sharded=consolidate_model_state, adapter=adapter)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -203,3 +203,29 @@ def test_fc_prompt_tasks_must_be_classification_tasks():
     with pytest.raises(ConfigError, match="data-independent router"):
         from_dict(ModelConfig, {"moe": {"enabled": True, "routing": {"router": "token", "noise": "none"}},
                                 "prompt": {"enabled": True}})
+
+
+def test_single_task_retrieval_gathers_other_ranks_negatives_without_gradient():
+    from uniperceiver.tasks.retrieval import retrieve
+
+    torch.manual_seed(0)
+    model = UniPerceiver(_cfg(moe=False)).eval()  # deterministic (no random temporal offset); grads still flow
+    text = torch.tensor([[320, 786, 49407], [1237, 3255, 49407]])
+    batch = TaskBatch("ret", "retrieval", "retrieve",
+                      Sequence([Segment("image", torch.randn(2, 3, 32, 32))],
+                               attributes_SA=task_attributes("image_retrieval")),
+                      targets=Sequence([Segment("text", text)], attributes_SA=task_attributes("image_retrieval", "target")))
+    others = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)  # two other ranks' batches
+    seen = []
+
+    def gather(feats):
+        seen.append(feats.requires_grad)
+        return others
+
+    local = retrieve(model, batch)
+    out = retrieve(model, batch, gather_negatives=gather)
+    assert seen == [False, False]  # what goes to the other ranks carries no graph
+    assert out.logits.shape == (2, 6) and torch.allclose(out.logits[:, :2], local.logits, atol=1e-6)
+    assert float(out.losses["i2t"].detach()) > float(local.losses["i2t"].detach())  # more negatives, local block first
+    out.loss.backward()
+    assert model.predictor.proj.weight.grad is not None

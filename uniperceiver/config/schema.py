@@ -197,6 +197,10 @@ class TrainConfig:
     one_encoder_call: bool = True
     # Experts of every MoE sublayer split over this many ranks (1 = replicated under DDP).
     expert_parallel_size: int = 1
+    # Train on this fraction of every task's training set (the release's DATA_PERCENTAGE, 0.01 in
+    # its prompt-tuning recipes): a subset seeded by (seed, task), the same on every rank and
+    # after a resume.
+    data_fraction: float = 1.0
     tensorboard: bool = True
     # FSDP2 (fully_shard) instead of DDP: parameters, gradients and optimizer states sharded over
     # the ranks (experts placed by expert parallelism excepted); checkpoints are then
@@ -212,6 +216,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fsdp and self.amp == "fp16":
             raise ValueError("fsdp=true supports amp none or bf16, not fp16 (loss scaling of sharded gradients)")
+        if not 0.0 < self.data_fraction <= 1.0:
+            raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
         if self.trainable is not None and (not self.trainable or not all(self.trainable)):
             raise ValueError(f"trainable must be a non-empty list of non-empty substrings, got {self.trainable}")
         for name in ("collective_timeout_s", "stop_grace_s"):
@@ -222,6 +228,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str | None = None
+    # An adapter file (prompt tuning: the trained prompts/norms) loaded on top of `checkpoint`,
+    # its base; the adapter's prompt switches replace model.prompt.
+    adapter: str | None = None
     tasks: list[str] | None = None  # default: every task with eval_data
     output_json: str | None = None  # default: <train.output_dir>/eval.json
     cache_dir: str | None = None  # cache encoded target sets on disk, keyed by checkpoint + set

@@ -1,6 +1,7 @@
 """python -m uniperceiver.convert --from {official,deepspeed,official-dense} IN OUT [options]
 python -m uniperceiver.convert --to official IN OUT
 python -m uniperceiver.convert --consolidate DCP_DIR OUT.pt
+python -m uniperceiver.convert --export-task TASK_TYPE IN OUT
 
 --from writes a file that `UniPerceiver.from_pretrained` loads. Model sizes come from the tensor
 shapes; what shapes cannot tell (heads, or a resolution other than the checkpoint's) comes from
@@ -9,6 +10,9 @@ shapes; what shapes cannot tell (heads, or a resolution other than the checkpoin
 prints the --from command that converts it back to IN.
 --consolidate writes the single model file (every expert) of a sharded run's distributed
 checkpoint directory (or of a run directory: its newest complete checkpoint).
+--export-task writes a model for one task type (e.g. image_classification) whose MoE sublayers
+hold one merged weight set per attribute row the task uses (no gates, no unused experts); its
+outputs on that task equal IN's. Refused (exit 2) for routers that depend on the tokens.
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ def _convert(argv: list[str]) -> int:
     direction.add_argument("--to", dest="to", choices=["official"], help="our model file -> an official checkpoint")
     direction.add_argument("--consolidate", action="store_true",
                            help="IN is a distributed (DCP) training checkpoint directory: write its full model")
+    direction.add_argument("--export-task", dest="task", metavar="TASK_TYPE",
+                           help="our MoE model file -> a model for one task type with merged experts")
     parser.add_argument("input")
     parser.add_argument("output")
     parser.add_argument("--num-heads", type=int, default=None,
@@ -49,6 +55,8 @@ def _convert(argv: list[str]) -> int:
         return _export(args.input, args.output)
     if args.consolidate:
         return _consolidate(args.input, args.output)
+    if args.task is not None:
+        return _export_task(args.task, args.input, args.output)
     try:
         report = convert_file(args.input, args.output, args.fmt, num_heads=args.num_heads,
                               overrides=args.set, fold_visual_type=args.fold)
@@ -78,6 +86,18 @@ def _consolidate(directory: str, output: str) -> int:
         raise cli.BadInputError(str(exc)) from exc
     print(report)
     print(f"wrote {output}")
+    return 0
+
+
+def _export_task(task: str, src: str, dst: str) -> int:
+    from .task_export import export_task_file
+
+    try:
+        moe_params, task_params, sets = export_task_file(src, dst, task)
+    except ValueError as exc:  # an unknown task type, a token router, a file that is not a model
+        raise cli.BadInputError(str(exc)) from exc
+    print(f"MoE model {src}: {moe_params:,} parameters")
+    print(f"{task} model {dst}: {task_params:,} parameters ({sets} merged weight sets per MoE sublayer, no gates)")
     return 0
 
 

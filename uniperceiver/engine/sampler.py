@@ -16,6 +16,40 @@ from ..data.rng import mix_seed
 
 
 
+def fraction_indices(num_samples: int, fraction: float, seed: int, task_id: int) -> list[int]:
+    """The training subset of `train.data_fraction` (the release's DATA_PERCENTAGE): the first
+    round(fraction * N) (at least 1) of a permutation seeded by (seed, task), sorted. A pure
+    function: every rank, and a resumed run, computes the same subset."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data fraction must be in (0, 1], got {fraction}")
+    if fraction >= 1.0:
+        return list(range(num_samples))
+    keep = max(1, round(fraction * num_samples))
+    g = torch.Generator().manual_seed(mix_seed(seed, 0xF4AC, task_id))
+    return sorted(torch.randperm(num_samples, generator=g)[:keep].tolist())
+
+
+class DatasetSubset(torch.utils.data.Dataset):
+    """`dataset` restricted to `indices`; keys are (index, sample_seed) as the streams give them,
+    and other attributes (num_classes, name, ...) come from the full dataset."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        inner = self.indices[index]
+        return self.dataset[inner if seed is None else (inner, seed)]
+
+    def __getattr__(self, name: str):
+        if name in ("dataset", "indices"):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class TaskSampler:
     """Which task each rank trains on at each step.
 

@@ -20,15 +20,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe.losses import weighted_aux_loss
 
 from .. import distributed as du
-from ..config import RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
+from ..config import ConfigError, RunConfig, TaskConfig, dump_yaml, resolve_path, to_dict
 from ..data import build_dataset, build_mixup, build_target_set, check_reader_options, make_collate
 from ..modeling.batch import TargetSet, TaskBatch
 from ..modeling.checkpoint import load_state_dict_strict, load_weights
+from ..modeling.adapter import adapter_tensor_names, base_fingerprint, write_adapter
 from ..modeling.freezing import apply_trainable, is_prompt_only, trainable_substrings
 from ..modeling.model import UniPerceiver
 from ..tasks import TaskOutput, run_task, task_spec
@@ -55,7 +57,7 @@ from .parallelize import (
     wrap_ddp,
 )
 from .resume import apply_optim_config, config_changes, refuse, split_changes
-from .sampler import StreamBatchSampler, TaskSampler, TaskStream, mix_seed
+from .sampler import DatasetSubset, StreamBatchSampler, TaskSampler, TaskStream, fraction_indices, mix_seed
 from .watchdog import Watchdog
 
 log = logging.getLogger("uniperceiver.train")
@@ -145,25 +147,36 @@ class PreEncoded:
         return getattr(self._model, name)
 
 
+def other_ranks_features(feats_BD: Tensor) -> Tensor:
+    """Every other rank's `feats_BD`, concatenated in rank order, without gradient."""
+    with torch.no_grad():
+        parts = [torch.empty_like(feats_BD) for _ in range(du.world_size())]
+        torch.distributed.all_gather(parts, feats_BD.contiguous())
+    me = du.rank()
+    return torch.cat([p for i, p in enumerate(parts) if i != me])
+
+
 class TrainStep(nn.Module):
     """Model + task loss as one module, so DDP sees a forward per iteration.
 
     `one_encoder_call`: the task's input (and target caption) sequences, its own target set and
     this rank's slice of every distributed target set go through the encoder in ONE call
     (`UniPerceiver.encode_many`); otherwise each is encoded separately (the former behaviour).
+    `gather_negatives`: single-task retrieval training's other-rank negatives (`run_task`).
     """
 
-    def __init__(self, model: UniPerceiver, one_encoder_call: bool = True) -> None:
+    def __init__(self, model: UniPerceiver, one_encoder_call: bool = True, gather_negatives=None) -> None:
         super().__init__()
         self.model = model
         self.one_encoder_call = one_encoder_call
+        self.gather_negatives = gather_negatives
 
     def forward(self, batch: TaskBatch, target_sets: dict[str, TargetSet], sliced: set[str]) -> tuple[Tensor, TaskOutput]:
         if self.one_encoder_call:
             feats, out = self._joint(batch, target_sets, sliced)
         else:
             feats = {name: encode_target_set(self.model, ts, name in sliced) for name, ts in target_sets.items()}
-            out = run_task(self.model, batch, feats)
+            out = run_task(self.model, batch, feats, gather_negatives=self.gather_negatives)
         routing = self.model.cfg.moe.routing
         if routing.load_balance_weight or routing.z_loss_weight:
             # Router aux losses come back with the decisions (never from module globals).
@@ -191,7 +204,7 @@ class TrainStep(nn.Module):
             own = self.model.features(enc.hidden_BLD[:, 0])
             feats[n] = _join_slices(own, len(target_sets[n]), n in sliced)
         task_view = PreEncoded(self.model, list(zip(task_seqs, joint.outputs[len(names):])))
-        out = run_task(task_view, batch, feats)  # type: ignore[arg-type]
+        out = run_task(task_view, batch, feats, gather_negatives=self.gather_negatives)  # type: ignore[arg-type]
         out.decisions = joint.decisions  # the whole call's decisions, every routed sublayer once
         out.extras["segment_tokens"] = torch.tensor(joint.segment_tokens)  # for parallelize.exchange_bytes
         return feats, out
@@ -258,6 +271,11 @@ class Trainer:
                          read_sharded=dcp.consolidate_model_state, allow_missing=is_prompt_only)
         # The freezing rule (prompt tuning), before DDP sees which parameters train.
         self.trainable = apply_trainable(self.model, trainable_substrings(cfg.model, tcfg.trainable))
+        # Prompt tuning writes adapter.pt (modeling/adapter.py) with each checkpoint: the base's
+        # fingerprint is taken once, here (the tensors outside the adapter are frozen), and only
+        # the adapter's tensors are gathered at each save.
+        self.adapter_names = adapter_tensor_names(self.model) if cfg.model.prompt.enabled else []
+        self.adapter_base = base_fingerprint(self.model.state_dict(), self.adapter_names) if self.adapter_names else ""
         self.model.encoder.activation_checkpointing = tcfg.activation_checkpointing
         self.model.to(self.device)
         # Expert parallelism: every rank built all experts from the same seed and keeps its
@@ -286,7 +304,13 @@ class Trainer:
         self.tasks = self._build_tasks()
         self.sampler = TaskSampler([t.cfg.sampling_weight for t in self.tasks], cfg.seed, self.rank, tcfg.sampling)
 
-        self.step_module = TrainStep(self.model, tcfg.one_encoder_call)
+        # The release all-gathers retrieval features (without gradient) only when it trains one
+        # task (FEATURE_GATHER, OFFICIAL.md 3.3): then every rank runs that task every step.
+        single_task = len(self.tasks) == 1 and self.world > 1
+        if single_task and task_spec(self.tasks[0].cfg.type).gathers_negatives:
+            log.info("task %s: the other %d ranks' features join as negatives (single-task training)",
+                     self.tasks[0].cfg.name, self.world - 1)
+        self.step_module = TrainStep(self.model, tcfg.one_encoder_call, other_ranks_features if single_task else None)
         self.model.encoder.one_call_per_step = tcfg.one_encoder_call
         # Sharded runs (FSDP; expert parallelism) write distributed checkpoints (engine/dcp.py).
         self.sharded = tcfg.fsdp or self.mesh is not None
@@ -361,6 +385,14 @@ class Trainer:
             # The size of the class-name set is checked against the labels the data lists.
             num_classes = len(self.target_sources[tcfg.target_set]) if spec.class_labels else None
             dataset = build_dataset(tcfg, "train", self.tokenizer, self.cfg.model, self.data_root, num_classes=num_classes)
+            if self.cfg.train.data_fraction < 1.0:
+                subset = fraction_indices(len(dataset), self.cfg.train.data_fraction, self.cfg.seed, task_id)
+                log.info("task %s: training on %d of %d samples (data_fraction %g)", tcfg.name, len(subset),
+                         len(dataset), self.cfg.train.data_fraction)
+                if len(subset) < self.world:
+                    raise ConfigError(f"train.data_fraction={self.cfg.train.data_fraction:g} leaves task {tcfg.name!r} "
+                                      f"{len(subset)} of {len(dataset)} samples, fewer than the {self.world} ranks")
+                dataset = DatasetSubset(dataset, subset)
             stream = TaskStream(len(dataset), tcfg.batch_size, self.cfg.seed, task_id, self.rank, self.world)
             collate = make_collate(tcfg, self.tokenizer, training=True, task_id=task_id)
             mixup = build_mixup(tcfg, num_classes) if spec.mixup else None
@@ -416,6 +448,7 @@ class Trainer:
             with self._collective("distributed checkpoint save"):
                 path = dcp.save_trainer(self)
             log.info("saved %s", path)
+            self._save_adapter()
             return
         with self._collective("checkpoint: RNG all_gather_object"):
             state = self.state_dict()  # every rank joins the RNG gather
@@ -424,6 +457,20 @@ class Trainer:
             log.info("saved %s", path)
         with self._collective("checkpoint: barrier after the write"):
             du.barrier()
+        self._save_adapter()
+
+    def _save_adapter(self) -> None:
+        """<output_dir>/adapter.pt: what prompt tuning trained, without the base (every rank joins:
+        sharded tensors are gathered)."""
+        if not self.adapter_names:
+            return
+        state = self.model.state_dict()
+        with self._collective("adapter: gather the trained tensors"):
+            tensors = {k: state[k].full_tensor() if isinstance(state[k], DTensor) else state[k]
+                       for k in self.adapter_names}
+        if self.rank == 0:
+            info = write_adapter(self.output_dir / "adapter.pt", self.cfg.model.prompt, self.adapter_base, tensors)
+            log.info("saved %s (%d tensors, %d values)", self.output_dir / "adapter.pt", info["num_tensors"], info["numel"])
 
     def resume(self) -> bool:
         found = load_latest_checkpoint(self.output_dir)

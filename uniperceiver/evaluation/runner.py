@@ -12,6 +12,7 @@ run (and cached on disk with `eval.cache_dir`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ import time
 import torch
 
 from .. import distributed as dist_utils
-from ..config import ConfigError, RunConfig, to_dict
+from ..config import ConfigError, RunConfig, resolve_path, to_dict
 from ..modeling.checkpoint import ShardedReader, eval_settings, load_model
 from ..modeling.model import UniPerceiver
 from .caption_metrics import SCORERS
@@ -28,6 +29,8 @@ from .report import EvalReport, check_expected, output_path, versions, write_rep
 from .target_features import TargetFeatures, file_sha256, model_fingerprint
 
 __all__ = ["EvalReport", "evaluate", "output_path", "write_report"]
+
+log = logging.getLogger(__name__)
 
 
 def _pick_device(cfg: RunConfig) -> torch.device:
@@ -61,11 +64,17 @@ def evaluate(
     device = torch.device(device) if device is not None else _pick_device(cfg)
     tasks = eval_tasks(cfg)
     checkpoint = cfg.eval.checkpoint if model is None else None  # a given model is hashed instead
+    # A prompt-tuning adapter loaded on top of the checkpoint (its base).
+    adapter = resolve_path(cfg.eval.adapter) if cfg.eval.adapter and checkpoint else None
     if model is None:
         if not checkpoint:
             raise ConfigError("no checkpoint to evaluate: set eval.checkpoint=PATH (in the config or "
                               "as a command-line override)")
-        model = load_model(checkpoint, cfg.model, device=device, read_sharded=read_sharded)
+        model = load_model(checkpoint, cfg.model, device=device, read_sharded=read_sharded, adapter=adapter)
+        prompt = model.cfg.prompt
+        if adapter and prompt.fc and prompt.fc_prompt_tasks and not {t.name for t in tasks} & set(prompt.fc_prompt_tasks):
+            log.warning("adapter %s: its FC prompt was trained for tasks %s, none of which is evaluated here "
+                        "(evaluated without it: %s)", adapter, prompt.fc_prompt_tasks, [t.name for t in tasks])
     else:
         model = model.to(device).eval()
     memo: dict[str, str] = {}
@@ -75,9 +84,17 @@ def evaluate(
             memo["sha"] = file_sha256(checkpoint)
         return memo["sha"]
 
+    def adapter_sha256() -> str:
+        if "adapter" not in memo:
+            memo["adapter"] = file_sha256(adapter)
+        return memo["adapter"]
+
+    def weights_sha256() -> str:  # what the weights come from: the checkpoint (+ the adapter)
+        return checkpoint_sha256() if adapter is None else f"{checkpoint_sha256()}+{adapter_sha256()}"
+
     def model_key() -> str:  # only computed when a disk cache needs it
         if "model" not in memo:
-            memo["model"] = model_fingerprint(model, checkpoint_sha256() if checkpoint else None)
+            memo["model"] = model_fingerprint(model, weights_sha256() if checkpoint else None)
         return memo["model"]
 
     features = TargetFeatures(model, chunk_size=cfg.eval.target_chunk_size, cache_dir=cfg.eval.cache_dir,
@@ -105,6 +122,8 @@ def evaluate(
     report.meta = {
         "checkpoint": {"path": None if checkpoint is None else os.path.abspath(checkpoint),
                        "sha256": checkpoint_sha256() if checkpoint and rank == 0 else None},
+        "adapter": None if adapter is None else {"path": os.path.abspath(adapter),
+                                                 "sha256": adapter_sha256() if rank == 0 else None},
         "config": to_dict(cfg),
         "world_size": world,
         "device": str(device),

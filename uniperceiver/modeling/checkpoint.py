@@ -2,6 +2,7 @@
 
     model = load_model("base_moe.pt")                       # its saved config, evaluation settings
     model = load_model("step_00001000.pt", cfg.model)       # a run config's model, checked against the file
+    model = load_model("base_moe.pt", adapter="adapter.pt")  # a base + a prompt-tuning adapter (modeling/adapter.py)
     load_weights(model, "init.pt")                          # into a model built elsewhere (train.init_from)
 
 Formats (`read_weights`), told apart by their keys:
@@ -38,6 +39,7 @@ from ..config.model import ModelConfig
 from ..utils.errors import BadInput
 
 if TYPE_CHECKING:
+    from .adapter import Adapter
     from .model import UniPerceiver
 
 __all__ = [
@@ -202,13 +204,30 @@ def _size_hint(saved: dict[str, Any] | None, built: ModelConfig) -> str:
             "pick the matching model config (its `_base_`) or override model.*")
 
 
+def _prompt_hint(state: dict[str, Tensor], built: ModelConfig) -> str:
+    from .freezing import is_prompt_only
+
+    if not built.prompt.enabled or any(is_prompt_only(k) for k in state):
+        return ""
+    return ("\nthe config prompt-tunes (model.prompt.enabled) but the checkpoint has no prompts: load the base "
+            "model with the run's adapter (eval.adapter=.../adapter.pt, or adapter= in the API)")
+
+
 def _apply(model: nn.Module, weights: Weights, built: ModelConfig | None = None,
-           allow_missing: Callable[[str], bool] | None = None) -> None:
+           allow_missing: Callable[[str], bool] | None = None, adapter: Adapter | None = None) -> None:
     try:
-        load_state_dict_strict(model, weights.state, source=f"checkpoint {weights.path}", allow_missing=allow_missing)
+        if adapter is not None:
+            from .adapter import apply_adapter
+
+            apply_adapter(model, weights.state, adapter, source=f"checkpoint {weights.path}")
+        else:
+            load_state_dict_strict(model, weights.state, source=f"checkpoint {weights.path}",
+                                   allow_missing=allow_missing)
     except CheckpointError as e:
         hint = "" if built is None else _size_hint(weights.model_config, built)
-        raise CheckpointError(f"{e}{hint}") from None
+        if not hint and built is not None and adapter is None:
+            hint = _prompt_hint(weights.state, built)
+        raise type(e)(f"{e}{hint}") from None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, read_sharded: ShardedReader | None = None,
@@ -229,13 +248,16 @@ def load_model(
     device: str | torch.device = "cpu",
     map_location: str | torch.device = "cpu",
     read_sharded: ShardedReader | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> UniPerceiver:
     """A `UniPerceiver` with the weights of `path`, strictly (every mismatching key is listed).
 
     The model is built from `model_cfg` when given (a file saved for another size fails with both
     sizes named), else from the config saved in the file plus `overrides` (`key=value`).
     `evaluation`: `eval_model_config`'s settings and eval mode; otherwise the config as it is, in
-    training mode.
+    training mode. `adapter`: an adapter file (`modeling.adapter`) trained on this base: its prompt
+    config replaces `model.prompt` and its tensors load on top of the base's; an adapter trained
+    on another base is refused (`AdapterError`).
     """
     from ..config import apply_overrides, from_dict
     from .model import UniPerceiver
@@ -249,9 +271,15 @@ def load_model(
         model_cfg = from_dict(ModelConfig, data, source=f"{path}:config")
     elif overrides:
         raise ValueError("overrides apply to the saved config; pass them in model_cfg instead")
+    found = None
+    if adapter is not None:
+        from .adapter import read_adapter
+
+        found = read_adapter(adapter)
+        model_cfg = found.model_config(model_cfg)
     if evaluation:
         model_cfg = eval_model_config(model_cfg)
     model = UniPerceiver(model_cfg)
-    _apply(model, weights, model_cfg)
+    _apply(model, weights, model_cfg, adapter=found)
     model = model.to(device)
     return model.eval() if evaluation else model

@@ -224,11 +224,17 @@ class UniPerceiver(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), map_location: str = "cpu"
+        cls,
+        path: str | os.PathLike,
+        overrides: list[str] | tuple[str, ...] = (),
+        map_location: str = "cpu",
+        adapter: str | os.PathLike | None = None,
     ) -> UniPerceiver:
         """Build from a model file (`save_pretrained`, `python -m uniperceiver.convert`) or a
         training checkpoint, with its saved config plus `overrides`; every key and shape must
-        match (the error lists what does not). See `uniperceiver.modeling.checkpoint`."""
+        match (the error lists what does not). `adapter`: an adapter file
+        (`modeling.adapter.save_adapter`) trained on this base, loaded on top of it; one trained on
+        another base raises `AdapterError`. See `uniperceiver.modeling.checkpoint`."""
         from .checkpoint import load_model
 
-        return load_model(path, evaluation=False, overrides=overrides, map_location=map_location)
+        return load_model(path, evaluation=False, overrides=overrides, map_location=map_location, adapter=adapter)

@@ -40,14 +40,17 @@ class Predictor(nn.Module):
         """Unit-norm features of encoder outputs (inputs and targets alike)."""
         return F.normalize(self.project_raw(x_XD).float(), dim=-1)
 
-    def add_fc_prompt(self, logits_XN: Tensor, raw_XD: Tensor) -> Tensor:
+    def add_fc_prompt(self, logits_XN: Tensor, raw_XD: Tensor, task: str = "") -> Tensor:
         """similarity_weight * logits + fc_prompt(raw features) (the FC prompt must be built)."""
         if self.fc_prompt is None:
             raise RuntimeError("this model has no FC prompt (model.prompt.fc_prompt_out = 0)")
         if logits_XN.shape[-1] != self.fc_prompt.out_features:
-            raise ValueError(
-                f"the FC prompt has {self.fc_prompt.out_features} outputs, the task has "
-                f"{logits_XN.shape[-1]} classes (set model.prompt.fc_prompt_out / fc_prompt_tasks)"
+            from ..config import ConfigError  # bad input (exit 2): a prompt config or adapter for another task
+
+            raise ConfigError(
+                f"task {task!r}: the FC prompt has {self.fc_prompt.out_features} outputs, the task has "
+                f"{logits_XN.shape[-1]} classes (set model.prompt.fc_prompt_out, or model.prompt.fc_prompt_tasks "
+                "to the tasks it was trained for)"
             )
         return self.similarity_weight * logits_XN + self.fc_prompt(raw_XD).float()
 

@@ -9,6 +9,7 @@ the formulations load on first use.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..utils.task_registry import TaskSpec, all_specs, kind_spec, register, registered, task_spec, task_types
@@ -58,12 +59,18 @@ def run_task(
     batch: TaskBatch,
     target_feats: dict[str, Tensor] | None = None,
     temporal_offsets: list[int] | None = None,
+    gather_negatives: Callable[[Tensor], Tensor] | None = None,
 ) -> TaskOutput:
-    """Forward one task batch; `target_feats` maps target-set names to encoded features."""
+    """Forward one task batch; `target_feats` maps target-set names to encoded features.
+    `gather_negatives(feats)` (single-task training on several ranks): the other ranks' copies of
+    `feats` without gradient, for the kinds whose spec takes them (`TaskSpec.gathers_negatives`:
+    retrieval's in-batch negatives, the release's FEATURE_GATHER)."""
     spec = kind_spec(batch.kind)
     feats = None
     if spec.needs_target_set:
         if batch.target_set is None or target_feats is None or batch.target_set not in target_feats:
             raise KeyError(f"task {batch.task}: features of target set {batch.target_set!r} were not given")
         feats = target_feats[batch.target_set]
+    if gather_negatives is not None and spec.gathers_negatives:
+        return spec.forward(model, batch, feats, temporal_offsets, gather_negatives=gather_negatives)
     return spec.forward(model, batch, feats, temporal_offsets)

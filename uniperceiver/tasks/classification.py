@@ -38,7 +38,7 @@ def classify(
     raw_BD = model.predictor.project_raw(hidden_BD)
     logits_BN = model.logits(F.normalize(raw_BD.float(), dim=-1), target_feats_ND, batch.temperature)
     if kind_spec(batch.kind).fc_prompt and model.uses_fc_prompt(batch.task):
-        logits_BN = model.predictor.add_fc_prompt(logits_BN, raw_BD)
+        logits_BN = model.predictor.add_fc_prompt(logits_BN, raw_BD, batch.task)
     out = TaskOutput(logits=logits_BN, decisions=enc.decisions)
     if batch.labels is not None:
         labels = batch.labels.to(logits_BN.device)

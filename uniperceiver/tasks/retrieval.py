@@ -1,11 +1,15 @@
 """Image/video-text retrieval: inputs and per-sample captions encoded by the same encoder.
 
 Training uses in-batch negatives: label-smoothed CE over the B x B similarity in both directions
-(image->text and its transpose), each weighted by the task's loss weight. Evaluation ranks every
-caption of the set for every input (and back): R@1/5/10 both ways, the similarity in chunks.
+(image->text and its transpose), each weighted by the task's loss weight. With `gather_negatives`
+(single-task training on several ranks, the release's FEATURE_GATHER, OFFICIAL.md 3.3) the other
+ranks' features join as extra negatives without gradient, the local block first: B x (world * B).
+Evaluation ranks every caption of the set for every input (and back): R@1/5/10 both ways, the
+similarity in chunks.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -22,7 +26,14 @@ from .losses import accuracy, cross_entropy
 from ..utils.task_registry import TaskSpec
 
 
-def retrieve(model: UniPerceiver, batch: TaskBatch, temporal_offsets: list[int] | None = None) -> TaskOutput:
+def retrieve(
+    model: UniPerceiver,
+    batch: TaskBatch,
+    temporal_offsets: list[int] | None = None,
+    gather_negatives: Callable[[Tensor], Tensor] | None = None,
+) -> TaskOutput:
+    """`gather_negatives(feats)`: the other ranks' copies of `feats`, concatenated, without
+    gradient (training pairs only)."""
     if batch.targets is None:
         raise ValueError(f"task {batch.task}: retrieval needs per-sample target captions")
     enc = model.encode(batch.inputs, temporal_offsets=temporal_offsets)
@@ -39,11 +50,17 @@ def retrieve(model: UniPerceiver, batch: TaskBatch, temporal_offsets: list[int] 
             )
         logits_BB = model.logits(input_feats_BD, target_feats_ND, batch.temperature)
         labels_B = torch.arange(logits_BB.shape[0], device=logits_BB.device)
-        out.logits = logits_BB
-        out.losses["i2t"] = batch.loss_weight * cross_entropy(logits_BB, labels_B, batch.label_smoothing)
-        out.losses["t2i"] = batch.loss_weight * cross_entropy(logits_BB.t(), labels_B, batch.label_smoothing)
-        out.metrics["accuracy_i2t"] = accuracy(logits_BB, labels_B)
-        out.metrics["accuracy_t2i"] = accuracy(logits_BB.t(), labels_B)
+        i2t_BX, t2i_BX = logits_BB, logits_BB.t()
+        if gather_negatives is not None:
+            all_targets_XD = torch.cat([target_feats_ND, gather_negatives(target_feats_ND.detach())])
+            all_inputs_XD = torch.cat([input_feats_BD, gather_negatives(input_feats_BD.detach())])
+            i2t_BX = model.logits(input_feats_BD, all_targets_XD, batch.temperature)
+            t2i_BX = model.logits(target_feats_ND, all_inputs_XD, batch.temperature)
+        out.logits = i2t_BX
+        out.losses["i2t"] = batch.loss_weight * cross_entropy(i2t_BX, labels_B, batch.label_smoothing)
+        out.losses["t2i"] = batch.loss_weight * cross_entropy(t2i_BX, labels_B, batch.label_smoothing)
+        out.metrics["accuracy_i2t"] = accuracy(i2t_BX, labels_B)
+        out.metrics["accuracy_t2i"] = accuracy(t2i_BX, labels_B)
     return out
 
 
@@ -65,8 +82,9 @@ def collate(c: Any, samples: list[dict[str, Any]]) -> TaskBatch:
 
 
 def forward(model: UniPerceiver, batch: TaskBatch, target_feats_ND: Tensor | None,
-            temporal_offsets: list[int] | None = None) -> TaskOutput:
-    return retrieve(model, batch, temporal_offsets)
+            temporal_offsets: list[int] | None = None,
+            gather_negatives: Callable[[Tensor], Tensor] | None = None) -> TaskOutput:
+    return retrieve(model, batch, temporal_offsets, gather_negatives)
 
 
 class RetrievalEvaluator(Evaluator):
@@ -114,7 +132,7 @@ def chance(metric: str, candidates: int, samples: int) -> float | None:
 
 
 _ROWS = {"input": (VISUAL_INPUT,), "target": (VISUAL_TASK_TARGET,)}
-_COMMON = dict(collate=collate, forward=forward, evaluator=RetrievalEvaluator, chance=chance)
+_COMMON = dict(collate=collate, forward=forward, evaluator=RetrievalEvaluator, chance=chance, gathers_negatives=True)
 SPECS = (
     TaskSpec("image_retrieval", "retrieval", "image", _ROWS, "retrieve",
              formats=("coco_karpathy", "flickr30k", "jsonl", "demo"), **_COMMON),

@@ -64,6 +64,9 @@ class TaskSpec:
     token_labels: bool = False  # labels are token ids (rows of a vocabulary subset after mapping)
     mixup: bool = False  # Mixup/CutMix may apply
     fc_prompt: bool = False  # the FC prompt (model.prompt.fc) may add to its logits
+    # forward takes `gather_negatives=`: single-task training on several ranks adds the other
+    # ranks' features as negatives without gradient (the release's FEATURE_GATHER)
+    gathers_negatives: bool = False
     prompt_spe: bool = False  # read at the `<|spe|>` inside the text (spe_index), not at [SPE]
     image_pipeline: Literal["imagenet", "clip"] = "clip"  # the release's image transforms for it
     chance: Callable[[str, int, int], float | None] = no_chance
