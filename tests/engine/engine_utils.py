@@ -50,6 +50,15 @@ train:
     return cfg
 
 
+def with_eval_data(cfg_path: Path) -> Path:
+    """The tiny run, plus evaluation data for the classification task (its training images)."""
+    text = cfg_path.read_text()
+    train_line = next(line for line in text.splitlines() if "train_data" in line)
+    text = text.replace(train_line, train_line + "\n" + train_line.replace("train_data", "eval_data"), 1)
+    cfg_path.write_text(text)
+    return cfg_path
+
+
 def run_train(args: list[str], timeout: float = 240, nproc: int = 1, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if nproc == 1:

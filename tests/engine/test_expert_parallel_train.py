@@ -1,6 +1,7 @@
 """Expert parallelism in the trainer: ranks on different tasks every step (round robin), the
 experts split over the ranks; after 10 steps the weights equal the replicated (EP = 1) run with
-the same seed and data, and the checkpoint (replicated layout) resumes into the sharded model."""
+the same seed and data (on 4 ranks also with FSDP, token router), and the checkpoint resumes into
+the sharded model."""
 import pytest
 import torch
 from engine_utils import write_tiny_run
@@ -11,8 +12,8 @@ from uniperceiver.engine import Trainer
 from uniperceiver.engine.parallelize import full_model_state_dict
 
 
-def _run(cfg_path, out, ep, router, steps=10):
-    overrides = [f"train.output_dir={out}", f"train.expert_parallel_size={ep}", "train.sampling=round_robin",
+def _run(cfg_path, out, ep, router, steps=10, extra=()):
+    overrides = [*extra, f"train.output_dir={out}", f"train.expert_parallel_size={ep}", "train.sampling=round_robin",
                  f"model.moe.routing.router={router}", f"train.max_steps={steps}", "train.checkpoint_every=100",
                  "train.log_every=100"]
     if router == "token":
@@ -24,7 +25,7 @@ def _run(cfg_path, out, ep, router, steps=10):
     return trainer
 
 
-def _worker(rank, world, cfg_path, root, router):
+def _worker(rank, world, cfg_path, root, router, with_fsdp=False):
     ref = _run(cfg_path, f"{root}/ep1", 1, router).model.state_dict()
     trainer = _run(cfg_path, f"{root}/ep{world}", world, router)
     assert trainer.mesh is not None and trainer.mesh["ep"].size() == world
@@ -41,6 +42,13 @@ def _worker(rank, world, cfg_path, root, router):
     again = full_model_state_dict(resumed.model)
     for name in got:
         assert torch.equal(again[name], got[name]), name
+    if with_fsdp:  # EP = world size composed with FSDP: the same weights
+        composed = _run(cfg_path, f"{root}/ep{world}_fsdp", world, router, extra=["train.fsdp=true"])
+        assert composed.fsdp_root is not None and composed.mesh["ep"].size() == world
+        got = full_model_state_dict(composed.model)
+        for name, want in ref.items():
+            err = float((got[name] - want).abs().max() / want.abs().max().clamp_min(1e-12))
+            assert err <= 1e-4, f"rank {rank} {router} + FSDP: {name}: max|diff|/max|ref| = {err:.2e}"
 
 
 @pytest.mark.world_size(2)
@@ -53,5 +61,6 @@ def test_ep2_equals_replicated_after_10_steps(tmp_path, router):
 @pytest.mark.world_size(4)
 @pytest.mark.parametrize("router", ["attribute", "token"])
 def test_ep4_equals_replicated_after_10_steps(tmp_path, router):
+    """The token router's run also composes EP = 4 with FSDP (EP = 2 + FSDP: test_ep_fsdp_runs.py)."""
     cfg = write_tiny_run(tmp_path)
-    run_distributed(_worker, world_size=4, args=(cfg, str(tmp_path), router), timeout_s=540)
+    run_distributed(_worker, world_size=4, args=(cfg, str(tmp_path), router, router == "token"), timeout_s=540)

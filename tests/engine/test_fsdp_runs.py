@@ -13,19 +13,10 @@ import time
 import pytest
 import torch
 
-from engine_utils import REPO, read_metrics, run_train, write_tiny_run
+from engine_utils import REPO, read_metrics, run_train, with_eval_data, write_tiny_run
 from uniperceiver.engine import dcp
 
 ROUND_ROBIN = "train.sampling=round_robin"  # two tasks on two ranks: both ranks differ every step
-
-
-def _with_eval_data(cfg_path):
-    """The tiny run, plus evaluation data for the classification task (its training images)."""
-    text = cfg_path.read_text()
-    train_line = next(line for line in text.splitlines() if "train_data" in line)
-    text = text.replace(train_line, train_line + "\n" + train_line.replace("train_data", "eval_data"), 1)
-    cfg_path.write_text(text)
-    return cfg_path
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, extra in (("ddp", []), ("fsdp", ["train.fsdp=true"])):
         folder = tmp_path_factory.mktemp(name)
-        cfg = _with_eval_data(write_tiny_run(folder, max_steps=10, checkpoint_every=5))
+        cfg = with_eval_data(write_tiny_run(folder, max_steps=10, checkpoint_every=5))
         res = run_train([str(cfg), ROUND_ROBIN, *extra], nproc=2, timeout=400)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         out[name] = (cfg, folder / "out")
@@ -82,7 +73,7 @@ def test_fsdp_ten_steps_equal_ddp(runs):
 
 
 def test_kill9_of_the_whole_job_then_rerun_is_bit_exact(runs, tmp_path):
-    cfg = _with_eval_data(write_tiny_run(tmp_path, max_steps=10, checkpoint_every=5))
+    cfg = with_eval_data(write_tiny_run(tmp_path, max_steps=10, checkpoint_every=5))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "uniperceiver.train", str(cfg), ROUND_ROBIN, "train.fsdp=true"]

@@ -187,6 +187,43 @@ def test_a_stopped_peer_ends_the_job_within_the_collective_timeout(tmp_path):
             p.communicate()
 
 
+@pytest.mark.parametrize("sharding", [
+    ["train.expert_parallel_size=2", "model.moe.routing.router=token"],  # tokens to the experts' owners
+    ["train.expert_parallel_size=2", "model.moe.routing.router=attribute", "train.fsdp=true"],  # experts moved
+], ids=["ep2-token", "ep2-attribute-fsdp"])
+def test_a_rank_killed_under_expert_parallelism_ends_the_other_in_bounded_time(tmp_path, sharding):
+    """kill -9 of one rank of a sharded run (each rank on another task): the survivor fails its
+    next collective (the peer's sockets closed, or train.collective_timeout_s) and exits 3 with
+    one line naming the collective; it never hangs and writes no checkpoint."""
+    from dist_utils import free_port
+
+    cfg = write_tiny_run(tmp_path, max_steps=400, checkpoint_every=1000)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    ranks = [_spawn_rank(cfg, r, port, env, "train.collective_timeout_s=10", "train.sampling=round_robin", *sharding)
+             for r in (0, 1)]
+    try:
+        metrics = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.time() + 180
+        while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
+            assert all(p.poll() is None for p in ranks), [p.communicate() for p in ranks]
+            time.sleep(0.05)
+        ranks[1].kill()  # SIGKILL: no handler, no goodbye
+        killed = time.monotonic()
+        _, err = ranks[0].communicate(timeout=10 + 40)
+        took = time.monotonic() - killed
+        assert ranks[0].returncode == 3, (ranks[0].returncode, err[-2000:])
+        assert took < 10 + 30, took
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "collective '" in lines[0] and "collective_timeout_s=10" in lines[0], err[-2000:]
+        assert not list((tmp_path / "out" / "checkpoints").glob("step_*"))
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
 def test_sigterm_while_blocked_in_a_collective_still_ends_the_worker(tmp_path):
     """The peer is stopped, so the stop-flag all_reduce never completes: the signal's grace period
     (train.stop_grace_s) ends the process long before the collective timeout would."""

@@ -32,7 +32,8 @@ THE CONTRACT (shared with engine/fsdp.py and engine/dcp.py):
   any EP size (`load_full_model_state_dict`, `load_full_optimizer_state_dict` slice the rows).
   A DCP checkpoint can instead save `model.state_dict()` / the optimizer state as they are
   (DTensors) and let DCP reshard.
-- The optimizer runs with foreach=False under EP (foreach kernels take one tensor type per call).
+- The optimizer runs with foreach=False under EP or FSDP (foreach kernels take one tensor type per
+  call; FSDP keeps the 0-d temperatures as plain tensors).
 - Evaluation never runs on the sharded model: checkpoints hold every expert, and eval loads them
   replicated, so no expert collective can hang there.
 

@@ -281,6 +281,7 @@ class Trainer:
         # Expert parallelism: every rank built all experts from the same seed and keeps its
         # shard (engine/parallelize.py: the ("dp", "ep") mesh, DTensor expert parameters).
         moe = cfg.model.moe
+        # Sizes that cannot divide: a ConfigError (exit 2), before any step or checkpoint.
         check_expert_parallel_size(self.world, tcfg.expert_parallel_size,
                                    moe.routing.num_experts if moe.enabled else None)
         self.mesh = None
@@ -324,9 +325,11 @@ class Trainer:
             self.ddp = DDP(self.step_module, device_ids=device_ids, find_unused_parameters=True)
         else:
             self.ddp = self.step_module
-        # DTensor expert shards next to plain tensors: the per-parameter update (foreach kernels
-        # take one tensor type per call).
-        self.optimizer = build_optimizer(self.model, tcfg.optim, foreach=False if self.mesh is not None else None)
+        # DTensor shards (experts under EP, the rest under FSDP) next to plain tensors (FSDP keeps
+        # the 0-d temperatures whole): the per-parameter update (foreach and fused kernels take
+        # one tensor type per call). On CPU torch's default is per-parameter anyway.
+        sharded_params = self.mesh is not None or self.fsdp_root is not None
+        self.optimizer = build_optimizer(self.model, tcfg.optim, foreach=False if sharded_params else None)
         self.scheduler = build_scheduler(self.optimizer, tcfg.optim, tcfg.max_steps)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.amp)
         self.scaler = torch.amp.GradScaler(device_type, init_scale=LOSS_SCALE_INIT, growth_interval=LOSS_SCALE_WINDOW,
