@@ -3,6 +3,7 @@ ranks, ranks on different tasks every step).
 
 - EP = world size + FSDP: after 10 steps the weights equal the replicated DDP run of the same seed
   and data (attribute and token routers on 2 ranks; 4 ranks: test_expert_parallel_train.py);
+- an EP = 2 + FSDP run resumed at the same size ends bit-identical to the uninterrupted one;
 - an EP = 2 checkpoint resumes on 1 process, and on 4 (EP = 4, and EP = 2 x dp = 2 with FSDP);
   what those 4 ranks save resumes on 2 (4 -> 2): at the resume point the weights equal the
   checkpoint's consolidated weights exactly, the runs train on, and what they save consolidates
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from engine_utils import REPO, run_train, with_eval_data, write_tiny_run
+from engine_utils import REPO, read_metrics, run_train, with_eval_data, write_tiny_run
 from uniperceiver.config import ConfigError, RunConfig, load_config
 from uniperceiver.engine import Trainer, dcp
 from uniperceiver.engine.parallelize import full_model_state_dict
@@ -100,6 +101,26 @@ def test_ep2_checkpoint_resumes_on_one_process_and_trains_on(ep_runs, tmp_path):
         assert torch.equal(t, full[name]), name
     assert trainer.train()["step"] == 7
     assert (tmp_path / "one" / "checkpoints" / "step_00000007.pt").is_file()  # replicated: one file
+
+
+def _rerun(rank, world, cfg_path, out):
+    Trainer(load_config(RunConfig, str(cfg_path), _overrides(out, "token", _ep_fsdp(world)))).train()
+
+
+@pytest.mark.world_size(2)
+def test_ep2_with_fsdp_resumed_at_the_same_size_is_bit_exact(ep_runs, tmp_path):
+    """The job stopped after its step-5 checkpoint (a killed step-10 write left a .partial
+    directory), rerun: the step-10 weights are bit-identical to the uninterrupted run's (every
+    rank's RNG state restored, the shards loaded as they were saved)."""
+    cfg, root = ep_runs("token", 2)
+    shutil.copytree(_step(root, "sharded", 5), _step(tmp_path, "out", 5))
+    (tmp_path / "out" / "checkpoints" / "step_00000010.partial").mkdir()
+    run_distributed(_rerun, world_size=2, args=(cfg, tmp_path / "out"), timeout_s=300)
+    want, _ = dcp.consolidate_model_state(_step(root, "sharded", 10))
+    got, _ = dcp.consolidate_model_state(_step(tmp_path, "out", 10))
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+    assert read_metrics(tmp_path / "out")[-1]["step"] == 10
 
 
 def _resume_and_train_on(rank, cfg_path, out, router, extra, src, start, stop):
