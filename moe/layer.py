@@ -26,8 +26,9 @@ from .backends import resolve_backend, run_dispatched
 from .config import MoEConfig
 from .dispatch import make_plan
 from .experts import ACTIVATIONS, grouped_ffn, grouped_linear
+from .kernels import use_onednn
 from .losses import masked_router_losses, router_losses
-from .merge import merge_expert_weights, merge_expert_weights_static, segment_linear
+from .merge import merge_expert_weights, merge_expert_weights_static, merged_segment_linear, segment_linear
 from .parallel import ExpertParallel, ProcessGroup, fetch_experts, local_shard
 from .routers import Decision, RoutingContext, SegmentDecision, TokenDecision, TokenGating, build_router
 from .static import (
@@ -112,6 +113,12 @@ class MoELinear(nn.Module):
         if decision is None:
             decision = self.route(ctx, x_BLI)
         if isinstance(decision, SegmentDecision):
+            if self._fused_merge(x_BLI, static, cache, out_slice):
+                weight_EOI, bias_EO = self.local_experts()
+                y_BLO = merged_segment_linear(
+                    x_BLI, weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK, ctx.segment_starts
+                )
+                return y_BLO, decision
             weight_SOI, bias_SO = self.merged_weights(decision, static)
             if cache is not None:
                 cache[self] = (decision, weight_SOI, bias_SO)
@@ -122,6 +129,21 @@ class MoELinear(nn.Module):
         static_fn = partial(_static_linear_experts, weight_EOI, bias_EO, out_slice=out_slice)
         y_BLO = _dispatch(self.cfg, x_BLI, decision, expert_fn, self.expert_parallel, static_fn, (weight_EOI,))
         return y_BLO, decision
+
+    def _fused_merge(self, x_BLI: Tensor, static: bool, cache, out_slice: slice | None) -> bool:
+        """Whether merge + segment products run as one autograd node (`merged_segment_linear`):
+        eager fp32 CPU training (the oneDNN products of `moe.kernels`, where the node is bit for
+        bit the two-step path), experts held locally, every output row."""
+        return (
+            not static  # first: under torch.compile nothing else here is evaluated
+            and use_onednn(x_BLI)
+            and torch.is_grad_enabled()
+            and cache is None
+            and out_slice is None
+            and not self.expert_parallel.enabled
+            and not torch.is_autocast_enabled(x_BLI.device.type)
+            and x_BLI.dtype == self.weight_EOI.dtype
+        )
 
     def merged_weights(self, decision: SegmentDecision, static: bool = False) -> tuple[Tensor, Tensor | None]:
         """Per segment s: sum_k g[s,k] W[e[s,k]] (and the bias likewise); `static`: without

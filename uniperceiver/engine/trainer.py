@@ -43,7 +43,7 @@ from .checkpoint import load_latest_checkpoint, prepare_checkpoint_dir, save_che
 from .flops import encoder_flops, peak_flops
 from .lock import OutputDirLock, OutputDirLockedError
 from .logger import TrainLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, clip_grad_norm_, implementation_flags, keep_implementation
 from .parallelize import (
     build_device_mesh,
     check_expert_parallel_size,
@@ -476,6 +476,12 @@ class Trainer:
             log.info("saved %s (%d tensors, %d values)", self.output_dir / "adapter.pt", info["num_tensors"], info["numel"])
 
     def resume(self) -> bool:
+        built = implementation_flags(self.optimizer)
+        resumed = self._resume()
+        keep_implementation(self.optimizer, built)  # this run's AdamW kernel, whatever wrote the checkpoint
+        return resumed
+
+    def _resume(self) -> bool:
         found = load_latest_checkpoint(self.output_dir)
         sharded = dcp.latest_dcp_checkpoint(self.output_dir)
         if sharded is not None and (found is None or sharded[0] >= int(found[0]["step"])):
@@ -641,7 +647,7 @@ class Trainer:
         elif self.mesh is not None:
             grad_norm = clip_grad_norm(self.model.parameters(), clip, self.mesh)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            grad_norm = clip_grad_norm_(self.model.parameters(), clip)
         # Gradients are averaged over ranks already, so every rank takes the same decision here.
         finite = bool(torch.isfinite(grad_norm))
         scale = None
