@@ -68,10 +68,12 @@ def _merge_backward_row(
     grad_weight_EX: Tensor | None,
     grad_gates_SK: Tensor | None,
     written: set[int],
+    first_k: int = 0,
 ) -> None:
     """Segment s's share of the merge's backward, given dL/dW_s = `grad_X`: g[s,k] dW_s into
-    the chosen experts' gradient rows (written or accumulated), and dL/dg[s,k] = <dW_s, W_e>."""
-    for k, e in enumerate(row):
+    the chosen experts' gradient rows (written or accumulated), and dL/dg[s,k] = <dW_s, W_e>.
+    `row` holds the experts of k = first_k, first_k + 1, ..."""
+    for k, e in enumerate(row, start=first_k):
         if grad_weight_EX is not None:
             if e in written:
                 grad_weight_EX[e].addcmul_(grad_X, gates_SK[s, k])
@@ -209,9 +211,19 @@ class _MergedSegmentLinear(torch.autograd.Function):
                 dy_MO = grad_BLO[:, a:b].reshape(-1, out_features)
             if need_x:
                 grad_x_BLI[:, a:b] = linear_new(dy_MO, weight_SOI[s].t()).view(x_BLI.shape[0], b - a, -1)
-            if need_w or need_g:
+            row = ids[s]
+            if need_w and row[0] not in written_w and row.count(row[0]) == 1:
+                # dL/dW_s straight into the first chosen expert's (fresh) gradient row: the other
+                # experts and the gates read it there, then it is scaled in place last.
+                grad_OI = torch.mm(dy_MO.t(), x_MI, out=grad_weight[row[0]])
+                _merge_backward_row(grad_OI, weight_EOI, gates_SK, s, row[1:], grad_weight, grad_gates, written_w, 1)
+                if grad_gates is not None:
+                    grad_gates[s, 0] += grad_OI.reshape(-1).float() @ weight_EOI[row[0]].reshape(-1).float()
+                grad_OI.mul_(gates_SK[s, 0])
+                written_w.add(row[0])
+            elif need_w or need_g:
                 grad_OI = torch.mm(dy_MO.t(), x_MI)  # dL/dW_s, as the two-step path's linear computes it
-                _merge_backward_row(grad_OI, weight_EOI, gates_SK, s, ids[s], grad_weight, grad_gates, written_w)
+                _merge_backward_row(grad_OI, weight_EOI, gates_SK, s, row, grad_weight, grad_gates, written_w)
             if ctx.has_bias and (need_b or need_g):
                 _merge_backward_row(dy_MO.sum(0), bias_EO, gates_SK, s, ids[s], grad_bias, grad_gates_b, written_b)
         if grad_gates is not None:
