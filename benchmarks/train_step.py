@@ -138,11 +138,10 @@ def build_cases(size_name: str, ep: int, world: int) -> list[Case]:
     return cases
 
 
-def make_trainer(case: Case, size_name: str, device: str, workdir: str, threads: int):
+def make_trainer(case: Case, size: dict[str, Any], device: str, workdir: str, threads: int):
     from uniperceiver.config import RunConfig, load_config
     from uniperceiver.engine import Trainer
 
-    size = SIZES[size_name]
     folder = Path(workdir) / case.name.replace("/", "_")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.yaml").write_text(run_yaml(size, case.moe, str(folder / "out")))
@@ -393,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ep", type=int, default=1, help="under torchrun: expert-parallel size of the /epN cases")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch", type=int, help="images per step instead of the size's (tokens per step scale with it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", nargs="+", help="only these case names (dense is always kept)")
     ap.add_argument("--dry-run", action="store_true", help="tiny model, 1 warm-up, 2 repeats, nothing written")
@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ep > 1 and world % args.ep:
         print(f"error: --ep {args.ep} must divide the number of processes ({world}); run under torchrun", file=sys.stderr)
         return 2
+    size = dict(SIZES[args.size], **({"batch": args.batch} if args.batch else {}))
     cases = build_cases(args.size, args.ep, world)
     if args.cases:
         cases = [c for c in cases if c.name == "dense" or c.name in args.cases]
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in cases:
             if c.status != "ok":
                 continue
-            c.trainer = make_trainer(c, args.size, device.type, workdir, args.threads)
+            c.trainer = make_trainer(c, size, device.type, workdir, args.threads)
             attach_ddp_counter(c.trainer, counter)
             c.batches, c.tokens_per_step = replay_batches(c.trainer, count=4)
         meta = {
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "world_size": world, "rank": rank, "ep": args.ep, "warmup": args.warmup, "repeats": args.repeats,
             "host": host_kind(device), "launcher": info.source,
-            "batch": SIZES[args.size]["batch"], "image_size": SIZES[args.size]["image_size"],
+            "batch": size["batch"], "image_size": size["image_size"],
         }
         if rank == 0:
             print(f"# {meta['machine']['cpu']} | {meta['machine']['gpu'] or 'no gpu'} | threads {torch.get_num_threads()} "

@@ -300,7 +300,7 @@ class EncoderLayer(nn.Module):
         b, length, h = rows.batch, rows.length, self.num_heads
         dh = d // h
         q_1TD, attn_decision = _linear(self.qkv, xn_TD[None], layout.ctx, None, slice(0, d))
-        q_TD = q_1TD[0] if rows.seq_from_flat is None else q_1TD[0].index_select(0, rows.seq_from_flat)
+        q_TD = q_1TD.squeeze(0) if rows.seq_from_flat is None else q_1TD.squeeze(0).index_select(0, rows.seq_from_flat)
         xn = xn_TD if rows.seq_from_flat is None else xn_TD.index_select(0, rows.seq_from_flat)
         xn_BLD = xn.view(b, length, d)
         prompt_PD = self.deep_prompt_embedding.table(rows.role)
@@ -335,23 +335,25 @@ class EncoderLayer(nn.Module):
         ctx = layout.ctx
 
         # MoE layers see the row as a batch of one sequence of T tokens (segments = blocks).
+        # [None] / squeeze(0) are views both ways (indexing [0] would make backward zero-fill
+        # and copy a [1, T, ...] gradient per sublayer).
         xn_TD = self.norm1(x_TD)
         if self.deep_prompt_embedding is not None and layout.groups[0].caches is None:
             attn_decision, attn_TD, new_kv = self._prompt_attention(xn_TD, layout, keep_kv)
         else:
             qkv_1T3D, attn_decision = _linear(self.qkv, xn_TD[None], ctx, None)
-            attn_TD, new_kv = self._attention(qkv_1T3D[0], layout, layer_idx, keep_kv)
+            attn_TD, new_kv = self._attention(qkv_1T3D.squeeze(0), layout, layer_idx, keep_kv)
         if attn_decision is not None:
             decisions.append((f"{name}.qkv", attn_decision))
         out_decision = attn_decision if self.share_decisions else None
         attn_1TD, own = _linear(self.attn_out, attn_TD[None], ctx, out_decision)
         if own is not None and own is not attn_decision:
             decisions.append((f"{name}.attn_out", own))
-        x_TD = x_TD + self._drop_path(self._scale(self.gamma_1, attn_1TD[0], x_TD), layout)
+        x_TD = x_TD + self._drop_path(self._scale(self.gamma_1, attn_1TD.squeeze(0), x_TD), layout)
 
         y_1TD, ffn_decisions = self._ffn(self.norm2(x_TD)[None], ctx, name)
         decisions.extend(ffn_decisions)
-        x_TD = x_TD + self._drop_path(self._scale(self.gamma_2, y_1TD[0], x_TD), layout)
+        x_TD = x_TD + self._drop_path(self._scale(self.gamma_2, y_1TD.squeeze(0), x_TD), layout)
         return x_TD, decisions, new_kv
 
     def _ffn(self, x_1TD: Tensor, ctx: RoutingContext, name: str) -> tuple[Tensor, list[tuple[str, Decision]]]:
