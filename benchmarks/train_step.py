@@ -82,7 +82,9 @@ class Case:
     batches: list[Any] = field(default_factory=list)
     tokens_per_step: int = 0
     times_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)  # this process's CPU time (all threads) per step
     status: str = "ok"
+    last_cpu_ms: float = 0.0
     model_flops: float = 0.0  # encoder model FLOPs of one step (the trainer's count, engine/flops.py)
     peak_flops: float | None = None  # the card's dense peak for the step's matmul dtype (None: CPU)
 
@@ -292,10 +294,12 @@ def _sync(device: torch.device) -> None:
 
 
 def timed_step(case: Case, device: torch.device) -> float:
+    """Wall ms of one step; the step's process CPU time goes to `case.cpu_ms` when `record`."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     logs = case.trainer.train_step()
     _sync(device)
+    case.last_cpu_ms = (time.process_time() - c0) * 1e3
     case.model_flops = float(logs.get("model_flops", 0.0))
     case.peak_flops = getattr(case.trainer, "peak_flops", None)
     return (time.perf_counter() - t0) * 1e3
@@ -317,6 +321,7 @@ def measure(cases: list[Case], device: torch.device, warmup: int, repeats: int, 
         orders.append([c.name for c in order])
         for c in order:
             c.times_ms.append(timed_step(c, device))
+            c.cpu_ms.append(c.last_cpu_ms)
     extra = {}
     for c in live:
         counter.reset()
@@ -329,10 +334,11 @@ def measure(cases: list[Case], device: torch.device, warmup: int, repeats: int, 
     return {"orders": orders, "extra": extra}
 
 
-def paired_ratio(case: Case, ref: Case) -> float | None:
-    if not case.times_ms or not ref.times_ms:
+def paired_ratio(case: Case, ref: Case, attr: str = "times_ms") -> float | None:
+    mine, theirs = getattr(case, attr), getattr(ref, attr)
+    if not mine or not theirs:
         return None
-    return statistics.median(a / b for a, b in zip(case.times_ms, ref.times_ms, strict=True))
+    return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
 
 
 def rows_for(cases: list[Case], measured: dict, meta: dict) -> list[dict]:
@@ -348,6 +354,9 @@ def rows_for(cases: list[Case], measured: dict, meta: dict) -> list[dict]:
                 times_ms=[round(t, 2) for t in c.times_ms], tokens_per_step=c.tokens_per_step,
                 tokens_per_s=round(c.tokens_per_step / (med / 1e3), 1), ratio_to_dense=_round(paired_ratio(c, dense)),
                 ratio_of_medians=_round(med / statistics.median(dense.times_ms)),
+                # The same pairing on CPU time: less sensitive to other processes on a shared host.
+                median_cpu_ms=round(statistics.median(c.cpu_ms), 2), cpu_ms=[round(t, 2) for t in c.cpu_ms],
+                cpu_ratio_to_dense=_round(paired_ratio(c, dense, "cpu_ms")),
                 model_tflops_per_s=c.model_flops / (med / 1e3) / 1e12,
                 # MFU: model FLOP/s (at the median step time) over the card's dense peak
                 mfu=None if not c.peak_flops else _round(c.model_flops / (med / 1e3) / c.peak_flops),
@@ -356,6 +365,7 @@ def rows_for(cases: list[Case], measured: dict, meta: dict) -> list[dict]:
             base = c.name.split("/")[0]
             if c.name.endswith("/separate") and base in by_name:  # one call vs separate passes
                 row["one_call_over_separate"] = _round(paired_ratio(by_name[base], c))
+                row["cpu_one_call_over_separate"] = _round(paired_ratio(by_name[base], c, "cpu_ms"))
             if "/ep" in c.name and base in by_name:
                 row["ratio_to_replicated"] = _round(paired_ratio(c, by_name[base]))
         rows.append(row)
@@ -367,6 +377,7 @@ def _round(x: float | None) -> float | None:
 
 
 HEADER = (f"{'case':<26} {'median ms':>10} {'min..max':>17} {'tokens/s':>9} {'/dense':>7} {'1call/sep':>9} "
+          f"{'cpu/dense':>9} "
           f"{'peak MB':>8} {'comm MB':>8} {'TFLOP/s':>8} {'MFU':>6}")
 
 
@@ -377,6 +388,7 @@ def fmt(row: dict) -> str:
     mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     return (f"{row['case']:<26} {row['median_ms']:>10.1f} {row['min_ms']:>8.0f}..{row['max_ms']:<8.0f} "
             f"{row['tokens_per_s']:>9.0f} {row['ratio_to_dense']:>7.3f} {'' if one is None else f'{one:.3f}':>9} "
+            f"{row['cpu_ratio_to_dense']:>9.3f} "
             f"{row['peak_memory_bytes'] / 2**20:>8.0f} {row['comm_bytes_per_step'] / 2**20:>8.1f} "
             f"{row['model_tflops_per_s']:>8.3f} {mfu:>6}")
 
