@@ -355,7 +355,8 @@ def rows_for(cases: list[Case], measured: dict, meta: dict) -> list[dict]:
                 tokens_per_s=round(c.tokens_per_step / (med / 1e3), 1), ratio_to_dense=_round(paired_ratio(c, dense)),
                 ratio_of_medians=_round(med / statistics.median(dense.times_ms)),
                 # The same pairing on CPU time: less sensitive to other processes on a shared host.
-                median_cpu_ms=round(statistics.median(c.cpu_ms), 2), cpu_ms=[round(t, 2) for t in c.cpu_ms],
+                median_cpu_ms=round(statistics.median(c.cpu_ms), 2) if c.cpu_ms else None,
+                cpu_ms=[round(t, 2) for t in c.cpu_ms],
                 cpu_ratio_to_dense=_round(paired_ratio(c, dense, "cpu_ms")),
                 model_tflops_per_s=c.model_flops / (med / 1e3) / 1e12,
                 # MFU: model FLOP/s (at the median step time) over the card's dense peak
@@ -388,7 +389,7 @@ def fmt(row: dict) -> str:
     mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     return (f"{row['case']:<26} {row['median_ms']:>10.1f} {row['min_ms']:>8.0f}..{row['max_ms']:<8.0f} "
             f"{row['tokens_per_s']:>9.0f} {row['ratio_to_dense']:>7.3f} {'' if one is None else f'{one:.3f}':>9} "
-            f"{row['cpu_ratio_to_dense']:>9.3f} "
+            f"{'-' if row['cpu_ratio_to_dense'] is None else format(row['cpu_ratio_to_dense'], '.3f'):>9} "
             f"{row['peak_memory_bytes'] / 2**20:>8.0f} {row['comm_bytes_per_step'] / 2**20:>8.1f} "
             f"{row['model_tflops_per_s']:>8.3f} {mfu:>6}")
 

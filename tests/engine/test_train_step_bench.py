@@ -29,12 +29,16 @@ def test_rows_pair_each_case_with_the_same_repeat():
     dense = b.Case("dense", [], moe=False, times_ms=[100.0, 200.0, 100.0], tokens_per_step=1000)
     moe = b.Case("moe-attribute", [], moe=True, times_ms=[105.0, 220.0, 108.0], tokens_per_step=1000)
     sep = b.Case("moe-attribute/separate", [], moe=True, times_ms=[110.0, 230.0, 110.0], tokens_per_step=1000)
+    dense.cpu_ms, moe.cpu_ms, sep.cpu_ms = [200.0, 200.0, 400.0], [220.0, 230.0, 400.0], [240.0, 240.0, 400.0]
     ep = b.Case("moe-attribute/ep2", [], moe=True, status="skipped: no EP")
     extra = {c.name: {"comm_bytes_per_step": 0, "comm_bytes_by_kind": {}, "peak_memory_bytes": 1} for c in (dense, moe, sep)}
     rows = {r["case"]: r for r in b.rows_for([dense, moe, sep, ep], {"extra": extra}, {"size": "x"})}
     assert rows["moe-attribute"]["ratio_to_dense"] == 1.08  # median of 1.05, 1.10, 1.08
     assert rows["moe-attribute"]["median_ms"] == 108.0 and rows["moe-attribute"]["tokens_per_s"] == round(1000 / 0.108, 1)
     assert rows["moe-attribute/separate"]["one_call_over_separate"] == round(sorted([105 / 110, 220 / 230, 108 / 110])[1], 4)
+    # The same pairing on process CPU time: median of 1.10, 1.15, 1.00.
+    assert rows["moe-attribute"]["cpu_ratio_to_dense"] == 1.1 and rows["moe-attribute"]["median_cpu_ms"] == 230.0
+    assert rows["moe-attribute/separate"]["cpu_one_call_over_separate"] == round(sorted([220 / 240, 230 / 240, 1.0])[1], 4)
     assert rows["moe-attribute/ep2"]["status"].startswith("skipped") and "median_ms" not in rows["moe-attribute/ep2"]
     assert all(b.fmt(r) for r in rows.values())
 
