@@ -202,6 +202,15 @@ class CommCounter:
         self.bytes = {}
 
     @contextlib.contextmanager
+    def suspended(self):
+        """Collectives made here are already counted (DDP's hook calls dist.all_reduce)."""
+        was, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = was
+
+    @contextlib.contextmanager
     def patched(self):
         originals = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
 
@@ -250,7 +259,8 @@ def attach_ddp_counter(trainer, counter: CommCounter) -> None:
         def hook(state, bucket):
             buf = bucket.buffer()
             counter.add("ddp_all_reduce", buf.numel() * buf.element_size())
-            return default_hooks.allreduce_hook(None, bucket)
+            with counter.suspended():  # the hook's dist.all_reduce is this same payload
+                return default_hooks.allreduce_hook(None, bucket)
 
         trainer.ddp.register_comm_hook(None, hook)
 

@@ -60,3 +60,24 @@ def test_comm_counter_counts_what_this_rank_sends():
         assert dist.all_reduce is not None and "counted" not in dist.all_reduce.__qualname__  # restored
     finally:
         dist.destroy_process_group()
+
+
+def test_ddp_buckets_are_counted_once():
+    """DDP's comm hook calls dist.all_reduce, which the counter also wraps: one count per byte."""
+    from types import SimpleNamespace
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    b = _bench()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        counter = b.CommCounter()
+        ddp = DDP(torch.nn.Linear(10, 10))  # 110 fp32 parameters: 440 bytes
+        b.attach_ddp_counter(SimpleNamespace(ddp=ddp), counter)
+        with counter.patched():
+            counter.active = True
+            ddp(torch.ones(2, 10)).sum().backward()
+            counter.active = False
+        assert counter.bytes == {"ddp_all_reduce": 440} and counter.total() == 440
+    finally:
+        dist.destroy_process_group()
