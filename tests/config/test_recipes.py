@@ -69,3 +69,12 @@ def test_a_resume_refuses_a_changed_data_fraction():
     new = to_dict(load_config(RunConfig, data={}, overrides=["train.data_fraction=0.02", "train.optim.lr=0.5"]))
     applied, frozen = split_changes(config_changes(old, new))
     assert [c.key for c in frozen] == ["train.data_fraction"] and [c.key for c in applied] == ["train.optim.lr"]
+
+
+def test_a_resume_refuses_a_changed_trainable_set():
+    from uniperceiver.engine.resume import config_changes, split_changes
+
+    old = to_dict(load_config(RunConfig, data={}))
+    new = to_dict(load_config(RunConfig, data={}, overrides=["train.trainable=[prompt]"]))
+    applied, frozen = split_changes(config_changes(old, new))
+    assert [c.key for c in frozen] == ["train.trainable"] and applied == []

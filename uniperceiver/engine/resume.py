@@ -3,7 +3,7 @@
 Settings the optimizer and schedule read (lr, weight decay, betas, warmup, max_steps, ...) take
 effect from the resumed step and are listed in the log; settings that fix what the weights,
 the optimizer state or the sample streams mean (model shape, tasks, target sets, seed, gradient
-accumulation, data fraction) cannot change mid-run, and resuming with them changed is refused.
+accumulation, data fraction, the trainable set) cannot change mid-run, and resuming with them changed is refused.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ FROZEN: dict[str, str] = {
     "seed": "the task draws and sample order are replayed from the seed",
     "train.grad_accum": "the task draws are replayed per micro-step",
     "train.data_fraction": "the training subset and its sample streams come from it",
+    "train.trainable": "the optimizer state holds exactly the parameters it names",
 }
 # ... except these, which only evaluation or regularisation read.
 CHANGEABLE: tuple[str, ...] = ("model.drop_path",)

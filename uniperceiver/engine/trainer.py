@@ -254,6 +254,10 @@ class Trainer:
         self.info = du.init_distributed(device_type, timeout_s=tcfg.collective_timeout_s)
         self.rank, self.world = du.rank(), du.world_size()
         self.device = du.local_device(device_type)
+        # Sizes that cannot divide: a ConfigError (exit 2) before anything is created or written.
+        moe = cfg.model.moe
+        check_expert_parallel_size(self.world, tcfg.expert_parallel_size,
+                                   moe.routing.num_experts if moe.enabled else None)
         self.output_dir = Path(resolve_path(tcfg.output_dir))
         # Before anything is written there: one run per output directory.
         self.lock = OutputDirLock(self.output_dir)
@@ -280,10 +284,6 @@ class Trainer:
         self.model.to(self.device)
         # Expert parallelism: every rank built all experts from the same seed and keeps its
         # shard (engine/parallelize.py: the ("dp", "ep") mesh, DTensor expert parameters).
-        moe = cfg.model.moe
-        # Sizes that cannot divide: a ConfigError (exit 2), before any step or checkpoint.
-        check_expert_parallel_size(self.world, tcfg.expert_parallel_size,
-                                   moe.routing.num_experts if moe.enabled else None)
         self.mesh = None
         if tcfg.expert_parallel_size > 1:
             self.mesh = build_device_mesh(self.world, tcfg.expert_parallel_size, device_type)
@@ -582,8 +582,12 @@ class Trainer:
         self.stream_starts = self.sampler.counts_before(self.step * tcfg.grad_accum)
         self.model.train()
         result: dict[str, Any] = {"preempted": False}
+        # What a hung step was waiting in (named in the collective-timeout error).
+        engine = "FSDP gradient reduce-scatter" if self.fsdp_root is not None else "DDP gradient all_reduce"
+        self._step_collectives = f"train step: {engine}" + (
+            " / expert exchange" if self.mesh is not None else "") + " / target-set all_gather"
         while self.step < tcfg.max_steps:
-            with self._collective("train step: DDP gradient all_reduce / target-set all_gather"):
+            with self._collective(self._step_collectives):
                 logs = self.train_step()
             self.step += 1
             with self._collective("metrics all_gather"):
