@@ -51,6 +51,26 @@ class DispatchPlan:
         return int(self.routed_E.max()) if self.routed_E.numel() else 0
 
 
+def slots_in_priority_order(
+    expert_ids_TK: Tensor, num_experts: int, valid_T: Tensor | None, priority_T: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The expert id of every slot j = k * T + i in priority order (i: the token's rank within
+    choice k; `priority_T`, higher first, else token order), and that token order (None: as
+    given). Padding gets the sentinel expert E: sorted last, never counted, never kept. No host
+    values (the static plan builds on it too)."""
+    top_k = expert_ids_TK.shape[1]
+    order_T = None
+    if priority_T is not None:
+        order_T = torch.argsort(priority_T, descending=True, stable=True)
+    ids_KT = expert_ids_TK.t()
+    if order_T is not None:
+        ids_KT = ids_KT.index_select(1, order_T)
+    if valid_T is not None:
+        valid_KT = valid_T if order_T is None else valid_T.index_select(0, order_T)
+        ids_KT = torch.where(valid_KT.expand(top_k, -1), ids_KT, num_experts)
+    return ids_KT.reshape(-1), order_T
+
+
 def make_plan(
     expert_ids_TK: Tensor,
     num_experts: int,
@@ -65,18 +85,7 @@ def make_plan(
     num_tokens, top_k = expert_ids_TK.shape
     device = expert_ids_TK.device
     num_slots = num_tokens * top_k
-    # Slots in priority order: j = k * T + i, where i is the token's rank within choice k.
-    order_T = None
-    if priority_T is not None:
-        order_T = torch.argsort(priority_T, descending=True, stable=True)
-    ids_KT = expert_ids_TK.t()
-    if order_T is not None:
-        ids_KT = ids_KT[:, order_T]
-    if valid_T is not None:
-        valid_KT = valid_T if order_T is None else valid_T[order_T]
-        # Padding gets the sentinel expert E: sorted last, never counted, never kept.
-        ids_KT = torch.where(valid_KT.expand(top_k, -1), ids_KT, num_experts)
-    ids_N = ids_KT.reshape(-1)
+    ids_N, order_T = slots_in_priority_order(expert_ids_TK, num_experts, valid_T, priority_T)
     sorted_N = torch.argsort(ids_N, stable=True)
     sorted_ids_N = ids_N[sorted_N]
     routed_E1 = torch.bincount(ids_N, minlength=num_experts + 1)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dispatch import slots_in_priority_order
+
 Layout = Literal["padded", "grouped"]
 StaticExpertFn = Callable[[Tensor, "StaticPlan", Layout], Tensor]
 
@@ -106,16 +108,7 @@ def make_static_plan(
     num_tokens, top_k = expert_ids_TK.shape
     device = expert_ids_TK.device
     num_slots = num_tokens * top_k
-    order_T = None
-    if priority_T is not None:
-        order_T = torch.argsort(priority_T, descending=True, stable=True)
-    ids_KT = expert_ids_TK.t()
-    if order_T is not None:
-        ids_KT = ids_KT.index_select(1, order_T)
-    if valid_T is not None:
-        valid_KT = valid_T if order_T is None else valid_T.index_select(0, order_T)
-        ids_KT = torch.where(valid_KT.expand(top_k, -1), ids_KT, num_experts)  # padding: sentinel E
-    ids_N = ids_KT.reshape(-1)  # slots in priority order
+    ids_N, order_T = slots_in_priority_order(expert_ids_TK, num_experts, valid_T, priority_T)
     sorted_N = torch.argsort(ids_N, stable=True)
     sorted_ids_N = ids_N.index_select(0, sorted_N)
     # A bincount whose size does not depend on the data (torch.bincount's does).
