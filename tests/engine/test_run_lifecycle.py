@@ -1,6 +1,7 @@
 """A run never loses or corrupts work: rotation that never counts unreadable files, one trainer
 per output directory, resume that applies (or refuses) changed settings, fp16 non-finite limits,
 a stopped peer ending the job."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -160,19 +161,32 @@ def _spawn_rank(cfg, rank, port, env, *overrides):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_a_stopped_peer_ends_the_job_within_the_collective_timeout(tmp_path):
+@contextlib.contextmanager
+def _two_ranks_past_their_first_step(tmp_path, *overrides):
+    """Two trainer processes (gloo, one thread each) on a 400-step tiny run, yielded once the
+    first step's metrics are written; whatever is still running at the end is killed."""
     from dist_utils import free_port
 
     cfg = write_tiny_run(tmp_path, max_steps=400, checkpoint_every=1000)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     port = free_port()
-    ranks = [_spawn_rank(cfg, r, port, env, "train.collective_timeout_s=10") for r in (0, 1)]
+    ranks = [_spawn_rank(cfg, r, port, env, *overrides) for r in (0, 1)]
     try:
         metrics = tmp_path / "out" / "metrics.jsonl"
         deadline = time.time() + 180
         while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
             assert all(p.poll() is None for p in ranks), [p.communicate() for p in ranks]
             time.sleep(0.05)
+        yield ranks
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+def test_a_stopped_peer_ends_the_job_within_the_collective_timeout(tmp_path):
+    with _two_ranks_past_their_first_step(tmp_path, "train.collective_timeout_s=10") as ranks:
         ranks[1].send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         _, err = ranks[0].communicate(timeout=10 + 40)
@@ -180,11 +194,6 @@ def test_a_stopped_peer_ends_the_job_within_the_collective_timeout(tmp_path):
         assert ranks[0].returncode not in (0, None)
         assert took < 10 + 30, took
         assert "collective '" in err and "at step" in err and "collective_timeout_s=10" in err, err[-2000:]
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
 
 
 @pytest.mark.parametrize("sharding", [
@@ -195,19 +204,8 @@ def test_a_rank_killed_under_expert_parallelism_ends_the_other_in_bounded_time(t
     """kill -9 of one rank of a sharded run (each rank on another task): the survivor fails its
     next collective (the peer's sockets closed, or train.collective_timeout_s) and exits 3 with
     one line naming the collective; it never hangs and writes no checkpoint."""
-    from dist_utils import free_port
-
-    cfg = write_tiny_run(tmp_path, max_steps=400, checkpoint_every=1000)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    port = free_port()
-    ranks = [_spawn_rank(cfg, r, port, env, "train.collective_timeout_s=10", "train.sampling=round_robin", *sharding)
-             for r in (0, 1)]
-    try:
-        metrics = tmp_path / "out" / "metrics.jsonl"
-        deadline = time.time() + 180
-        while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
-            assert all(p.poll() is None for p in ranks), [p.communicate() for p in ranks]
-            time.sleep(0.05)
+    with _two_ranks_past_their_first_step(tmp_path, "train.collective_timeout_s=10", "train.sampling=round_robin",
+                                          *sharding) as ranks:
         ranks[1].kill()  # SIGKILL: no handler, no goodbye
         killed = time.monotonic()
         _, err = ranks[0].communicate(timeout=10 + 40)
@@ -217,28 +215,12 @@ def test_a_rank_killed_under_expert_parallelism_ends_the_other_in_bounded_time(t
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "collective '" in lines[0] and "collective_timeout_s=10" in lines[0], err[-2000:]
         assert not list((tmp_path / "out" / "checkpoints").glob("step_*"))
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
 
 
 def test_sigterm_while_blocked_in_a_collective_still_ends_the_worker(tmp_path):
     """The peer is stopped, so the stop-flag all_reduce never completes: the signal's grace period
     (train.stop_grace_s) ends the process long before the collective timeout would."""
-    from dist_utils import free_port
-
-    cfg = write_tiny_run(tmp_path, max_steps=400, checkpoint_every=1000)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    port = free_port()
-    ranks = [_spawn_rank(cfg, r, port, env, "train.collective_timeout_s=300", "train.stop_grace_s=3") for r in (0, 1)]
-    try:
-        metrics = tmp_path / "out" / "metrics.jsonl"
-        deadline = time.time() + 180
-        while (not metrics.exists() or metrics.stat().st_size == 0) and time.time() < deadline:
-            assert all(p.poll() is None for p in ranks), [p.communicate() for p in ranks]
-            time.sleep(0.05)
+    with _two_ranks_past_their_first_step(tmp_path, "train.collective_timeout_s=300", "train.stop_grace_s=3") as ranks:
         ranks[1].send_signal(signal.SIGSTOP)
         time.sleep(1.0)
         ranks[0].send_signal(signal.SIGTERM)
@@ -247,11 +229,6 @@ def test_sigterm_while_blocked_in_a_collective_still_ends_the_worker(tmp_path):
         assert time.monotonic() - sent < 3 + 20
         assert ranks[0].returncode == 128 + signal.SIGTERM, err[-2000:]
         assert "after SIGTERM (train.stop_grace_s=3" in err and "exiting without a checkpoint" in err, err[-2000:]
-    finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
 
 
 _SECOND_SIGNAL = """
