@@ -78,3 +78,26 @@ def test_fp16_loss_scale_recovers_faster_late_in_training():
     assert loss_scale_growth_interval(100, 1024.0) == 200  # early: the normal window
     assert loss_scale_growth_interval(6000, 1024.0) == 5  # late and small: recover quickly
     assert loss_scale_growth_interval(6000, 4096.0) == 200
+
+
+@pytest.mark.parametrize("max_norm", [float("inf"), 100.0, 1e-3])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_clip_grad_norm_is_torchs_bit_for_bit_and_writes_nothing_when_it_does_not_clip(max_norm, bad):
+    from uniperceiver.engine.optim import clip_grad_norm_
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(30, 20), (7,), (3, 4, 5)]]
+    for p in ours:
+        p.grad = torch.randn(p.shape, generator=g) * 0.1
+    if bad is not None:
+        ours[1].grad[3] = bad
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for p, q in zip(ref, ours):
+        p.grad = q.grad.clone()
+    versions = [p.grad._version for p in ours]
+    total, total_ref = clip_grad_norm_(ours, max_norm), torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    assert torch.equal(total, total_ref) or (total.isnan() and total_ref.isnan())
+    for p, q in zip(ours, ref):
+        assert torch.equal(p.grad.nan_to_num(7, 8, 9), q.grad.nan_to_num(7, 8, 9))
+    clipped = bad is not None or max_norm == 1e-3
+    assert ([p.grad._version for p in ours] != versions) == clipped  # no pass over the grads otherwise

@@ -31,6 +31,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from .optim import clips
+
 
 def mixed_precision_policy(amp: str, device_type: str) -> MixedPrecisionPolicy:
     """bf16 on GPU: parameters all-gathered and computed in bf16, gradients reduced in fp32
@@ -156,7 +158,7 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> Tensor:
             norm = norm.full_tensor()
         squares.append(norm.float().square().cpu())
     total = torch.stack(squares).sum().sqrt()
-    if max_norm != float("inf"):
+    if max_norm != float("inf") and clips(max_norm, total):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             local = g.to_local() if isinstance(g, DTensor) else g

@@ -47,15 +47,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, foreach: bool | None = N
                              foreach=None if fused else foreach)
 
 
+def clips(max_norm: float, total_norm: torch.Tensor) -> bool:
+    """Whether clipping to `max_norm` changes any gradient: torch's coefficient
+    clamp(max_norm / (total + 1e-6), max=1) is not exactly 1 (NaN, from a non-finite norm,
+    counts as clipping). Every clipper here skips its multiply otherwise: a pass that would
+    rewrite every gradient unchanged, on a CPU the untouched zero pages of the expert gradients
+    (E x a dense layer's, `moe.memory`) too."""
+    return not bool(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0) == 1.0)
+
+
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ (same norm, same scaled gradients, bit for bit), except
-    that the gradients are left alone when the clip coefficient is exactly 1 (no clipping):
-    torch multiplies every gradient by 1.0 anyway, and on a CPU that pass writes the
-    untouched zero pages of the expert gradients (E x a dense layer's, `moe.memory`) every step."""
+    """torch.nn.utils.clip_grad_norm_ (same norm, same scaled gradients, bit for bit), without
+    the multiply when it would change nothing (`clips`)."""
     params = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # what torch multiplies by
-    if not bool(coef == 1.0):  # NaN / inf norms still take torch's path (and poison the grads as it does)
+    if clips(max_norm, total):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 

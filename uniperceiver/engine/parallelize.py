@@ -54,6 +54,7 @@ from moe import Decision, MoELinear, SegmentDecision
 from moe.parallel import ExpertParallel, ddp_ignored_parameter_names, expert_modules, expert_parameters
 
 from ..config import ConfigError
+from .optim import clips
 
 __all__ = [
     "build_device_mesh",
@@ -174,7 +175,7 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, mesh: Device
     if sharded and mesh is not None and mesh["ep"].size() > 1:
         dist.all_reduce(shard_sq, group=mesh["ep"].get_group())
     total = (plain_sq + shard_sq).sqrt()
-    if math.isfinite(max_norm):
+    if math.isfinite(max_norm) and clips(max_norm, total):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in plain + sharded:
             g.mul_(coef.to(g.dtype))
