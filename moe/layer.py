@@ -113,7 +113,7 @@ class MoELinear(nn.Module):
         if decision is None:
             decision = self.route(ctx, x_BLI)
         if isinstance(decision, SegmentDecision):
-            if self._fused_merge(x_BLI, static, cache, out_slice):
+            if self._fused_merge(x_BLI, static, out_slice):
                 weight_EOI, bias_EO = self.local_experts()
                 y_BLO = merged_segment_linear(
                     x_BLI, weight_EOI, bias_EO, decision.expert_ids_SK, decision.gates_SK, ctx.segment_starts
@@ -130,15 +130,14 @@ class MoELinear(nn.Module):
         y_BLO = _dispatch(self.cfg, x_BLI, decision, expert_fn, self.expert_parallel, static_fn, (weight_EOI,))
         return y_BLO, decision
 
-    def _fused_merge(self, x_BLI: Tensor, static: bool, cache, out_slice: slice | None) -> bool:
+    def _fused_merge(self, x_BLI: Tensor, static: bool, out_slice: slice | None) -> bool:
         """Whether merge + segment products run as one autograd node (`merged_segment_linear`):
         eager fp32 CPU training (the oneDNN products of `moe.kernels`, where the node is bit for
         bit the two-step path), experts held locally, every output row."""
         return (
             not static  # first: under torch.compile nothing else here is evaluated
             and use_onednn(x_BLI)
-            and torch.is_grad_enabled()
-            and cache is None
+            and torch.is_grad_enabled()  # (so no merged cache: that is inference only)
             and out_slice is None
             and not self.expert_parallel.enabled
             and not torch.is_autocast_enabled(x_BLI.device.type)

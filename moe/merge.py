@@ -81,7 +81,12 @@ def _merge_backward_row(
                 torch.mul(grad_X, gates_SK[s, k], out=grad_weight_EX[e])
                 written.add(e)
         if grad_gates_SK is not None:
-            grad_gates_SK[s, k] += grad_X.reshape(-1).float() @ weight_EX[e].reshape(-1).float()
+            grad_gates_SK[s, k] += _gate_grad(grad_X, weight_EX[e])
+
+
+def _gate_grad(grad_X: Tensor, weight_X: Tensor) -> Tensor:
+    """dL/dg for a merged expert: <dL/dW_s, W_e>, in float32."""
+    return grad_X.reshape(-1).float() @ weight_X.reshape(-1).float()
 
 
 def merge_expert_weights(
@@ -113,6 +118,16 @@ def merge_expert_weights_static(
     return merge(weight_EOI), None if bias_EO is None else merge(bias_EO)
 
 
+def _segment_bounds(segment_starts: tuple[int, ...], num_rows: int, length: int) -> list[int]:
+    """[start_0, ..., start_{S-1}, length], after checking one routing row per segment and that
+    the segments fit the sequence (one segment always spans it)."""
+    if num_rows != len(segment_starts):
+        raise ValueError(f"{num_rows} routing rows for {len(segment_starts)} segments {segment_starts}")
+    if len(segment_starts) > 1 and segment_starts[-1] >= length:
+        raise ValueError(f"segment_starts {segment_starts} do not fit a sequence of {length}")
+    return [*segment_starts, length]
+
+
 def segment_linear(
     x_BLI: Tensor,
     weight_SOI: Tensor,
@@ -131,17 +146,10 @@ def segment_linear(
     if out_slice is not None:
         weight_SOI = weight_SOI[:, out_slice]
         bias_SO = None if bias_SO is None else bias_SO[:, out_slice]
+    bounds = _segment_bounds(segment_starts, weight_SOI.shape[0], x_BLI.shape[1])
     num_segments = len(segment_starts)
-    if weight_SOI.shape[0] != num_segments:
-        raise ValueError(
-            f"{weight_SOI.shape[0]} routing rows for {num_segments} segments {segment_starts}"
-        )
     if num_segments == 1:
         return lin(x_BLI, weight_SOI[0], None if bias_SO is None else bias_SO[0])
-    length = x_BLI.shape[1]
-    if segment_starts[-1] >= length:
-        raise ValueError(f"segment_starts {segment_starts} do not fit a sequence of {length}")
-    bounds = list(segment_starts) + [length]
     pieces = [
         lin(
             x_BLI[:, bounds[s] : bounds[s + 1]],
@@ -218,7 +226,7 @@ class _MergedSegmentLinear(torch.autograd.Function):
                 grad_OI = torch.mm(dy_MO.t(), x_MI, out=grad_weight[row[0]])
                 _merge_backward_row(grad_OI, weight_EOI, gates_SK, s, row[1:], grad_weight, grad_gates, written_w, 1)
                 if grad_gates is not None:
-                    grad_gates[s, 0] += grad_OI.reshape(-1).float() @ weight_EOI[row[0]].reshape(-1).float()
+                    grad_gates[s, 0] += _gate_grad(grad_OI, weight_EOI[row[0]])
                 grad_OI.mul_(gates_SK[s, 0])
                 written_w.add(row[0])
             elif need_w or need_g:
@@ -243,10 +251,6 @@ def merged_segment_linear(
 ) -> Tensor:
     """segment_linear(x, *merge_expert_weights(W, b, ids, g), segment_starts) with one autograd
     node (`_MergedSegmentLinear`); same values and gradients. Eager, un-autocast only."""
-    length = x_BLI.shape[1]
-    if len(segment_starts) != expert_ids_SK.shape[0]:
-        raise ValueError(f"{expert_ids_SK.shape[0]} routing rows for {len(segment_starts)} segments {segment_starts}")
-    if len(segment_starts) > 1 and segment_starts[-1] >= length:
-        raise ValueError(f"segment_starts {segment_starts} do not fit a sequence of {length}")
+    bounds = _segment_bounds(segment_starts, expert_ids_SK.shape[0], x_BLI.shape[1])
     ids = expert_ids_SK.tolist()  # S*K small ints; one host sync per call
-    return _MergedSegmentLinear.apply(x_BLI, gates_SK, weight_EOI, bias_EO, ids, [*segment_starts, length])
+    return _MergedSegmentLinear.apply(x_BLI, gates_SK, weight_EOI, bias_EO, ids, bounds)
