@@ -84,7 +84,6 @@ class Case:
     times_ms: list[float] = field(default_factory=list)
     cpu_ms: list[float] = field(default_factory=list)  # this process's CPU time (all threads) per step
     status: str = "ok"
-    last_cpu_ms: float = 0.0
     model_flops: float = 0.0  # encoder model FLOPs of one step (the trainer's count, engine/flops.py)
     peak_flops: float | None = None  # the card's dense peak for the step's matmul dtype (None: CPU)
 
@@ -303,16 +302,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(case: Case, device: torch.device) -> float:
-    """Wall ms of one step; the step's process CPU time goes to `case.cpu_ms` when `record`."""
+def timed_step(case: Case, device: torch.device) -> tuple[float, float]:
+    """(wall ms, this process's CPU ms over all threads) of one step."""
     _sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     logs = case.trainer.train_step()
     _sync(device)
-    case.last_cpu_ms = (time.process_time() - c0) * 1e3
+    wall_ms, cpu_ms = (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
     case.model_flops = float(logs.get("model_flops", 0.0))
     case.peak_flops = getattr(case.trainer, "peak_flops", None)
-    return (time.perf_counter() - t0) * 1e3
+    return wall_ms, cpu_ms
 
 
 def measure(cases: list[Case], device: torch.device, warmup: int, repeats: int, seed: int,
@@ -330,8 +329,9 @@ def measure(cases: list[Case], device: torch.device, warmup: int, repeats: int, 
         rng.shuffle(order)
         orders.append([c.name for c in order])
         for c in order:
-            c.times_ms.append(timed_step(c, device))
-            c.cpu_ms.append(c.last_cpu_ms)
+            wall_ms, cpu_ms = timed_step(c, device)
+            c.times_ms.append(wall_ms)
+            c.cpu_ms.append(cpu_ms)
     extra = {}
     for c in live:
         counter.reset()
